@@ -13,6 +13,7 @@ All families share one API (`XCLIPPreTrainedModel`):
   reports it.
 """
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_xclip import MCLIPConfig, XAltCLIPConfig, XMCLIPConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -243,9 +246,12 @@ class XAltCLIPModel(XCLIPPreTrainedModel):
         # the student is trained to CLIP's pre-projection text space, so CLIP's text projection carries it into the
         # joint space (transformers' AltCLIP has the same two maps)
         teacher_proj = self.clip_text_model.text_projection.weight
-        if teacher_proj.shape == self.text_projection.weight.shape:
-            with torch.no_grad():
-                self.text_projection.weight.copy_(teacher_proj)
+        if teacher_proj.shape != self.text_projection.weight.shape:
+            logger.warning("text_projection %s cannot take CLIP's text projection %s: it stays randomly initialised",
+                           tuple(self.text_projection.weight.shape), tuple(teacher_proj.shape))
+            return
+        with torch.no_grad():
+            self.text_projection.weight.copy_(teacher_proj)
 
     def _student_states(self, input_ids, attention_mask=None, **kwargs):
         out = self._encode_tokens(self.text_model, input_ids, attention_mask, **kwargs)
