@@ -51,11 +51,6 @@ class XCLIPProcessor(ProcessorMixin):
         max_length (`int`, defaults to 77): texts are truncated to this many tokens.
     """
 
-    # explicit for transformers releases that read the sub-processors from class attributes
-    attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
-
     def __init__(self, image_processor=None, tokenizer=None, text_template=None, max_length=77, **kwargs):
         if text_template is not None and "{}" not in text_template:
             raise ValueError(f"text_template {text_template!r} has no '{{}}' placeholder for the text")
