@@ -397,6 +397,8 @@ class MCLIPModel(XCLIPPreTrainedModel):
 
     config_class = MCLIPConfig
     text_tower_name = "transformer"
+    # published M-CLIP checkpoints are text encoders: they carry no logit scale (it keeps its initial value)
+    _keys_to_ignore_on_load_missing = [r"^logit_scale$"]
     TRAINING_STAGES = {"pet": (), "linear": ("LinearTransformation",), "text": ("transformer", "LinearTransformation")}
 
     def __init__(self, config: MCLIPConfig):

@@ -17,6 +17,9 @@ from . import FAMILIES
 # end-of-text rule
 SPECIALS = ["<s>", "<pad>", "<unk>", "</s>", "<mask>"]
 HIDDEN, LAYERS, HEADS, FFN, EMBED_DIM, IMAGE_SIZE, MAX_LENGTH = 32, 2, 4, 64, 16, 32, 64
+# At the usual 0.02, two random layers attend almost uniformly and the first-token state (AltCLIP's pooling) is the
+# same for every text; a wider initialisation keeps tiny random models' texts apart.
+TEXT_INIT_RANGE = 0.2
 
 
 def tiny_tokenizer():
@@ -40,7 +43,8 @@ def tiny_tokenizer():
 def tiny_text_config(vocab_size):
     return XLMRobertaConfig(vocab_size=vocab_size, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                             num_attention_heads=HEADS, intermediate_size=FFN, max_position_embeddings=MAX_LENGTH + 2,
-                            type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=SPECIALS.index("</s>"))
+                            type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=SPECIALS.index("</s>"),
+                            initializer_range=TEXT_INIT_RANGE)
 
 
 def tiny_vision_config():
@@ -90,3 +94,14 @@ def build_tiny_model(family, save_dir=None, seed=0, text_template=None, **config
         model.save_pretrained(save_dir)
         processor.save_pretrained(save_dir)
     return model, processor
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Save a tiny random model of a family (with its processor).")
+    parser.add_argument("family", choices=sorted(FAMILIES))
+    parser.add_argument("save_dir")
+    parser.add_argument("--text_template", default=None)
+    args = parser.parse_args()
+    build_tiny_model(args.family, save_dir=args.save_dir, text_template=args.text_template)

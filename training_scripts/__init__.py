@@ -1,0 +1,1 @@
+"""Evaluation and training entry points of multilingual-clip-hf."""
