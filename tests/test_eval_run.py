@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, XLMRobertaModel
 
 from datasets_builders import load
-from modeling_xclip.tiny import (EMBED_DIM, HIDDEN, build_tiny_model, tiny_clip_text_config, tiny_image_processor,
-                                 tiny_text_config, tiny_tokenizer, tiny_vision_config)
+from modeling_xclip.tiny import (EMBED_DIM, build_tiny_model, tiny_clip_text_config, tiny_image_processor,
+                                 tiny_tokenizer, tiny_vision_config)
 from training_scripts import run_eval
 from training_scripts.embeddings import Encoder, open_image
 
@@ -49,27 +49,6 @@ def models(tmp_path_factory):
     tiny_image_processor().save_pretrained(root / "clip")
     dirs["clip"] = root / "clip"
     return dirs
-
-
-@pytest.fixture(scope="session")
-def published_mclip(tmp_path_factory):
-    """A text-only checkpoint in the published M-CLIP format: config.json without auto_map, `transformer.*` and
-    `LinearTransformation.*` weights, the base encoder in a local `modelBase` dir, tokenizer files."""
-    root = tmp_path_factory.mktemp("published_mclip")
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(1)
-    base = XLMRobertaModel(tiny_text_config(len(tokenizer)), add_pooling_layer=False)
-    base.save_pretrained(root / "base")
-    weights = {f"transformer.{name}": tensor.contiguous() for name, tensor in base.state_dict().items()}
-    weights["LinearTransformation.weight"] = torch.randn(EMBED_DIM, HIDDEN) / HIDDEN ** 0.5
-    weights["LinearTransformation.bias"] = torch.zeros(EMBED_DIM)
-    model_dir = root / "model"
-    model_dir.mkdir()
-    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
-    (model_dir / "config.json").write_text(json.dumps({"model_type": "M-CLIP", "modelBase": str(root / "base"),
-                                                       "numDims": EMBED_DIM, "transformerDimensions": HIDDEN}))
-    tokenizer.save_pretrained(model_dir)
-    return model_dir
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -219,18 +198,18 @@ def image_features_file(path, image_ids, embeds):
 def test_text_only_published_mclip_with_image_features(published_mclip, parquet_dataset, tmp_path):
     # Image features = the model's own embedding of each image's first English caption: every image then finds one of
     # its English captions first (i2t R@1 = 100 for en), which fails if features and image ids are misaligned.
-    encoder = Encoder(published_mclip)
+    encoder = Encoder(published_mclip.path)
     english = datasets.load_dataset(str(parquet_dataset), "en", split="test")
     first = {}
     for row in english:
         first.setdefault(row["image_id"], row["caption"])
     features = image_features_file(tmp_path / "features.parquet", list(first), encoder.texts(first.values()))
-    results = run(tmp_path, "--model", published_mclip, "--dataset", parquet_dataset, "--image_features", features)
+    results = run(tmp_path, "--model", published_mclip.path, "--dataset", parquet_dataset, "--image_features", features)
     check_retrieval_results(results, tmp_path / "out", LANGUAGES)
     assert results["per_language"]["en"]["i2t"]["R@1"] == 100.0
 
     with pytest.raises(ValueError, match="no image processor"):
-        run(tmp_path, "--model", published_mclip, "--dataset", parquet_dataset, "--overwrite")
+        run(tmp_path, "--model", published_mclip.path, "--dataset", parquet_dataset, "--overwrite")
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".tsv", ".parquet"])

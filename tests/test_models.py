@@ -1,12 +1,9 @@
 """The three model families: structure, equivalence with references, freezing, assembling from parts."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from transformers import (
     AltCLIPConfig,
     AltCLIPModel,
@@ -163,26 +160,9 @@ def test_mclip_trikd_loss_is_itc_plus_weighted_ttc(mclip):
 
 
 # --- M-CLIP ----------------------------------------------------------------------------------------------------------
-def write_published_mclip(directory, base_dir, seed=0):
-    """A random checkpoint in the published M-CLIP layout: modelBase config, transformer.* + LinearTransformation."""
-    torch.manual_seed(seed)
-    encoder = XLMRobertaModel(tiny_text_config(len(tiny_tokenizer())))  # with its pooler, as published
-    encoder.save_pretrained(base_dir)
-    linear = torch.nn.Linear(encoder.config.hidden_size, EMBED_DIM)
-    state = {f"transformer.{k}": v.contiguous() for k, v in encoder.state_dict().items()}
-    state.update({"LinearTransformation.weight": linear.weight.detach(), "LinearTransformation.bias": linear.bias.detach()})
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps({
-        "_name_or_path": "M-CLIP/tiny", "architectures": ["MultilingualCLIP"], "model_type": "M-CLIP",
-        "modelBase": str(base_dir), "numDims": EMBED_DIM, "transformerDimensions": encoder.config.hidden_size}))
-    tiny_tokenizer().save_pretrained(directory)
-    return encoder.eval(), linear
-
-
-def test_mclip_published_format_matches_reference_forward(tmp_path):
-    encoder, linear = write_published_mclip(tmp_path / "mclip", tmp_path / "base")
-    for model in (MCLIPModel.from_pretrained(tmp_path / "mclip"), AutoModel.from_pretrained(tmp_path / "mclip")):
+def test_mclip_published_format_matches_reference_forward(published_mclip):
+    encoder, linear = published_mclip.encoder, published_mclip.linear
+    for model in (MCLIPModel.from_pretrained(published_mclip.path), AutoModel.from_pretrained(published_mclip.path)):
         assert isinstance(model, MCLIPModel) and model.vision_model is None
         batch = tokens()
         with torch.no_grad():
