@@ -236,6 +236,14 @@ def read_lines(path: str) -> list[str]:
     return decoded
 
 
+def held_out_size(count: int, fraction: float, what: str) -> int:
+    """Size of each held-out split (validation, and test or train) drawn from `count` items: `fraction` of them, at
+    least one, so that every split of three has an item; `what` names the count in the error."""
+    if count < 3:
+        raise ValueError(f"{what} must be at least 3 (one per split), not {count}")
+    return max(1, round(fraction * count))
+
+
 def check_counts(path: str, lines: list, expected: int, expected_from: str) -> None:
     if len(lines) != expected:
         raise ValueError(f"{path} has {len(lines)} lines but {expected_from} has {expected}: they must align line by line")

@@ -20,7 +20,7 @@ import datasets
 import PIL.Image
 import PIL.ImageDraw
 
-from .common import CaptionBuilder, CaptionConfig
+from .common import CaptionBuilder, CaptionConfig, held_out_size
 
 SIZES = ("small", "large")
 COLOURS = {
@@ -273,9 +273,7 @@ def draw_scene(scene: Scene, rng: random.Random, image_size: int = 64) -> PIL.Im
 
 def synthetic_splits(num_images: int) -> dict[str, range]:
     """Image indices per split: 10% validation and 10% test (at least one each), the rest train."""
-    if num_images < 3:
-        raise ValueError(f"num_images must be at least 3 (one per split), not {num_images}")
-    held_out = max(1, round(0.1 * num_images))
+    held_out = held_out_size(num_images, 0.1, "num_images")
     train = num_images - 2 * held_out
     return {"train": range(train), "validation": range(train, train + held_out), "test": range(train + held_out, num_images)}
 

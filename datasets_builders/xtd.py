@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .common import SourceBuilder, SourceConfig, check_counts, read_lines
+from .common import SourceBuilder, SourceConfig, check_counts, held_out_size, read_lines
 
 IMAGE_LIST = "XTD10/test_image_names.txt"
 CAPTION_FILES = {
@@ -24,11 +24,9 @@ def fewshot_splits(num_rows: int, seed: int) -> dict[str, list[int]]:
     5% train, 5% validation (at least one each), the rest test, drawn by a seeded permutation that
     depends only on the number of rows, so every language gets the same images. Each split keeps
     the source order."""
-    if num_rows < 3:
-        raise ValueError(f"The few-shot split needs at least 3 rows, not {num_rows}")
+    held = held_out_size(num_rows, FEWSHOT_FRACTION, "the number of rows of a few-shot split")
     order = list(range(num_rows))
     random.Random(seed).shuffle(order)
-    held = max(1, round(FEWSHOT_FRACTION * num_rows))
     return {"train": sorted(order[:held]), "validation": sorted(order[held:2 * held]), "test": sorted(order[2 * held:])}
 
 
