@@ -8,7 +8,8 @@ package also registers the three families with `AutoConfig` / `AutoModel`, so th
 from transformers import AutoConfig, AutoModel
 
 from .configuration_xclip import MCLIPConfig, XAltCLIPConfig, XMCLIPConfig, resolve_model_base
-from .modeling_xclip import MCLIPModel, XAltCLIPModel, XCLIPOutput, XCLIPPreTrainedModel, XMCLIPModel, contrastive_loss
+from .losses import contrastive_loss
+from .modeling_xclip import MCLIPModel, XAltCLIPModel, XCLIPOutput, XCLIPPreTrainedModel, XMCLIPModel
 
 FAMILIES = {"altclip": XAltCLIPModel, "mclip": XMCLIPModel, "m-clip": MCLIPModel}
 

@@ -33,6 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_xclip import MCLIPConfig, XAltCLIPConfig, XMCLIPConfig
+from .losses import contrastive_loss, trikd_loss
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +52,6 @@ class XCLIPOutput(ModelOutput):
 
     def to_tuple(self):
         return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
-
-
-def contrastive_loss(logits_per_text):
-    """Symmetric InfoNCE over a square logits matrix whose diagonal holds the positive pairs."""
-    labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
-    return (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels)) / 2
 
 
 def _text_encoder_kwargs(config):
@@ -173,7 +168,8 @@ class XCLIPPreTrainedModel(PreTrainedModel):
         """CLIP-style similarity logits between each text and each image (`logits_per_text[i, j]`: text i, image j).
 
         `image_embeds`, if given, is what `get_image_features(...).pooler_output` returns (e.g. cached on disk).
-        With `return_loss`, the symmetric contrastive loss of a batch of aligned pairs (row i with image i).
+        With `return_loss`, the symmetric contrastive loss of a batch of aligned pairs (row i with image i):
+        `losses.contrastive_loss` at the learnable temperature.
         """
         text_out = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask,
                                           token_type_ids=token_type_ids, position_ids=position_ids, **kwargs)
@@ -186,7 +182,7 @@ class XCLIPPreTrainedModel(PreTrainedModel):
         text_embeds = F.normalize(text_out.pooler_output, dim=-1)
         image_embeds = F.normalize(image_embeds, dim=-1)
         logits_per_text = text_embeds @ image_embeds.t().to(text_embeds.dtype) * self.logit_scale.exp()
-        loss = contrastive_loss(logits_per_text) if return_loss else None
+        loss = contrastive_loss(text_embeds, image_embeds, logit_scale=self.logit_scale) if return_loss else None
         return XCLIPOutput(loss=loss, logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text,
                            text_embeds=text_embeds, image_embeds=image_embeds, text_model_output=text_out,
                            vision_model_output=vision_out)
@@ -373,15 +369,20 @@ class XMCLIPModel(XCLIPPreTrainedModel):
         return self.clip_projector(clip_embeds)
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_embeds=None,
-                clip_input_ids=None, clip_attention_mask=None, return_loss=False, **kwargs):
+                clip_input_ids=None, clip_attention_mask=None, english_mask=None, return_loss=False, **kwargs):
         """As the shared `forward`; with `return_loss` and the English side (`clip_input_ids`, from CLIP's tokenizer)
-        the loss is the TriKD objective ITC + ttc_weight x TTC, TTC at the fixed `ttc_temperature`."""
+        the loss is the TriKD objective ITC + ttc_weight x TTC (`losses.trikd_loss`), TTC at the fixed
+        `ttc_temperature` and only on the rows of `english_mask` (all rows when None)."""
         output = super().forward(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                                 image_embeds=image_embeds, return_loss=return_loss, **kwargs)
-        if return_loss and clip_input_ids is not None:
-            clip_text = F.normalize(self.get_clip_text_features(clip_input_ids, clip_attention_mask).pooler_output, dim=-1)
-            ttc = contrastive_loss(output.text_embeds @ clip_text.t() / self.config.ttc_temperature)
-            output.loss = output.loss + self.config.ttc_weight * ttc
+                                 image_embeds=image_embeds, return_loss=False, **kwargs)
+        if return_loss:
+            clip_text = None
+            if clip_input_ids is not None:
+                clip_text = F.normalize(self.get_clip_text_features(clip_input_ids, clip_attention_mask).pooler_output,
+                                        dim=-1)
+            output.loss = trikd_loss(output.text_embeds, output.image_embeds, self.logit_scale, clip_text,
+                                     english_mask=english_mask, ttc_weight=self.config.ttc_weight,
+                                     ttc_temperature=self.config.ttc_temperature)
         return output
 
 
@@ -424,4 +425,4 @@ class MCLIPModel(XCLIPPreTrainedModel):
                                           hidden_states=out.hidden_states, attentions=out.attentions)
 
 
-__all__ = ["XCLIPOutput", "XCLIPPreTrainedModel", "XAltCLIPModel", "XMCLIPModel", "MCLIPModel", "contrastive_loss"]
+__all__ = ["XCLIPOutput", "XCLIPPreTrainedModel", "XAltCLIPModel", "XMCLIPModel", "MCLIPModel"]

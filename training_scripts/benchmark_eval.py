@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a file: make the repository's packages i
 import torch
 
 from training_scripts.embeddings import Encoder
-from training_scripts.run_eval import DatasetImages, dataset_option, load_language
+from training_scripts.data import DatasetImages, dataset_option, load_language
 
 
 def timed(model, method, device):

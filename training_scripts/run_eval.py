@@ -22,122 +22,23 @@ import argparse
 import json
 import logging
 import sys
-from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import datasets
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from datasets_builders import BUILDERS, available_languages, load
-from datasets_builders.common import read_image_features
+from datasets_builders import BUILDERS
+from training_scripts.data import (DatasetImages, dataset_languages, dataset_option, image_features, load_language,
+                                   pick_split, read_translations, translate)
 from training_scripts.embeddings import Encoder
 from training_scripts.metrics import classification_metrics, retrieval_metrics, summarize_columns
 from training_scripts.report import existing_results, write_results
 
 logger = logging.getLogger(__name__)
-
-TRANSLATION_COLUMNS = ["language", "image_id", "caption_index", "caption_en"]
-
-
-def dataset_languages(dataset, data_dir=None, options=None):
-    if dataset in BUILDERS:
-        return list(available_languages(dataset, data_dir=data_dir, **(options or {})))
-    return datasets.get_dataset_config_names(dataset)
-
-
-def pick_split(loaded, split):
-    """(split name, Dataset): the one asked for, else the only one, else "test"."""
-    if isinstance(loaded, datasets.Dataset):
-        return split, loaded
-    if split is None:
-        split = next(iter(loaded)) if len(loaded) == 1 else "test"
-    if split not in loaded:
-        raise ValueError(f"no split {split!r} among {list(loaded)}: choose one with --split")
-    return split, loaded[split]
-
-
-def load_language(dataset, language, split=None, data_dir=None, options=None):
-    """(split name, Dataset) of one language in our schema, images left undecoded; ``options`` go to the builder."""
-    if dataset in BUILDERS:
-        loaded = load(dataset, language, split=split, data_dir=data_dir, **(options or {}))
-    else:
-        loaded = datasets.load_dataset(dataset, language, split=split)
-    split, ds = pick_split(loaded, split)
-    if "image" in ds.column_names:
-        ds = ds.cast_column("image", datasets.Image(decode=False))
-    return split, ds
-
-
-class DatasetImages(Sequence):
-    """Images read lazily from (dataset, row) pairs: the ``image`` column, else ``data_dir / image_path``."""
-
-    def __init__(self, rows, data_dir=None):
-        self.rows = rows
-        self.data_dir = Path(data_dir or "")
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        ds, row = self.rows[index]
-        record = ds[row]
-        if record.get("image"):
-            return record["image"]
-        if record.get("image_path"):
-            return self.data_dir / record["image_path"]
-        raise ValueError(f"image {record['image_id']!r} has no pixels: pass precomputed --image_features")
-
-
-def read_table(path):
-    path = Path(path)
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as lines:
-            return pd.DataFrame([json.loads(line) for line in lines if line.strip()])
-    if path.suffix == ".tsv":
-        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    raise ValueError(f"{path}: expected a .parquet, .jsonl or .tsv file")
-
-
-def image_features(path, image_ids):
-    """(len(image_ids), d) L2-normalised image embeddings from a Parquet of image_id, image_embeds."""
-    lookup = {str(image_id): embeds for image_id, embeds in read_image_features(path).items()}
-    missing = [image_id for image_id in image_ids if image_id not in lookup]
-    if missing:
-        raise ValueError(f"{path} lacks {len(missing)} image ids, e.g. {missing[:3]}")
-    return F.normalize(torch.tensor([lookup[image_id] for image_id in image_ids], dtype=torch.float32), dim=-1)
-
-
-def read_translations(path):
-    """{language: {(image_id, caption_index): caption_en}} from a --translated_captions file."""
-    table = read_table(path)
-    missing = set(TRANSLATION_COLUMNS) - set(table.columns)
-    if missing:
-        raise ValueError(f"{path} lacks columns {sorted(missing)}")
-    translations = {}
-    for language, image_id, index, caption in table[TRANSLATION_COLUMNS].itertuples(index=False):
-        translations.setdefault(str(language), {})[str(image_id), int(index)] = caption
-    return translations
-
-
-def translate(image_ids, table):
-    """The English captions of rows with these image ids, looked up by (image_id, caption_index)."""
-    seen = Counter()
-    keys = []
-    for image_id in image_ids:
-        keys.append((image_id, seen[image_id]))
-        seen[image_id] += 1
-    missing = [key for key in keys if key not in table]
-    if missing:
-        raise ValueError(f"no translation for {len(missing)} captions, e.g. (image_id, caption_index) {missing[0]}")
-    return [table[key] for key in keys]
 
 
 def evaluate_retrieval(args, encoder):
@@ -214,16 +115,6 @@ def evaluate_classification(args, encoder):
         sizes[language] = {"images": len(labels), "classes": len(folders), "templates": len(templates)}
     setup = {"class_names": args.class_names, "prompts": args.prompts or args.text_template}
     return split, setup, sizes, per_language
-
-
-def dataset_option(text):
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def build_parser():
