@@ -336,18 +336,29 @@ class XMCLIPModel(XCLIPPreTrainedModel):
         self._build_clip_towers(config)
         self.post_init()
 
-    def get_text_features(self, input_ids, attention_mask=None, **kwargs):
-        """Shared-space text vector: X-projector output at each row's end-of-sequence token, in `pooler_output`."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        out = self._encode_tokens(self.text_model, input_ids, attention_mask, **kwargs)
-        states = self.x_projector(out.last_hidden_state, src_key_padding_mask=attention_mask == 0)
+    def get_text_features(self, input_ids=None, attention_mask=None, mte_hidden_states=None, **kwargs):
+        """Shared-space text vector: X-projector output at each row's end-of-sequence token, in `pooler_output`.
+
+        `mte_hidden_states`, if given, is the MTE's `last_hidden_state` for these inputs (the MTE is frozen, so
+        training may encode it once): the MTE does not run, and `attention_mask` must still be given.
+        """
+        if mte_hidden_states is None:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            out = self._encode_tokens(self.text_model, input_ids, attention_mask, **kwargs)
+            mte_hidden_states, hidden_states, attentions = out.last_hidden_state, out.hidden_states, out.attentions
+        elif attention_mask is None:
+            raise ValueError("mte_hidden_states need their attention_mask")
+        else:
+            hidden_states = attentions = None
+        states = self.x_projector(mte_hidden_states.to(self.x_projection.weight.dtype),
+                                  src_key_padding_mask=attention_mask == 0)
         # the end-of-sequence token is the last attended position, whichever side the padding is on
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         eos = (positions * (attention_mask != 0)).argmax(dim=1)
         pooled = states[torch.arange(states.shape[0], device=states.device), eos]
         return BaseModelOutputWithPooling(last_hidden_state=states, pooler_output=self.x_projection(pooled),
-                                          hidden_states=out.hidden_states, attentions=out.attentions)
+                                          hidden_states=hidden_states, attentions=attentions)
 
     def get_image_features(self, pixel_values, **kwargs):
         """Shared-space image vector: the CLIP image embedding through the CLIP-projector, in `pooler_output`."""
@@ -369,15 +380,26 @@ class XMCLIPModel(XCLIPPreTrainedModel):
         return self.clip_projector(clip_embeds)
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_embeds=None,
-                clip_input_ids=None, clip_attention_mask=None, english_mask=None, return_loss=False, **kwargs):
+                clip_input_ids=None, clip_attention_mask=None, english_mask=None, return_loss=False,
+                clip_image_embeds=None, clip_text_embeds=None, **kwargs):
         """As the shared `forward`; with `return_loss` and the English side (`clip_input_ids`, from CLIP's tokenizer)
         the loss is the TriKD objective ITC + ttc_weight x TTC (`losses.trikd_loss`), TTC at the fixed
-        `ttc_temperature` and only on the rows of `english_mask` (all rows when None)."""
+        `ttc_temperature` and only on the rows of `english_mask` (all rows when None).
+
+        What the frozen towers give may come precomputed (encoded once, e.g. cached on disk) while the projectors
+        train: `clip_image_embeds` (CLIP's own image embedding, instead of `pixel_values`), `clip_text_embeds` (CLIP's
+        own English text embedding, instead of `clip_input_ids`) and `mte_hidden_states` (see `get_text_features`).
+        The CLIP-projector is applied to them here; the loss is the one the towers would give.
+        """
+        if clip_image_embeds is not None:
+            image_embeds = self.project_clip_embeds(clip_image_embeds)
         output = super().forward(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                                  image_embeds=image_embeds, return_loss=False, **kwargs)
         if return_loss:
             clip_text = None
-            if clip_input_ids is not None:
+            if clip_text_embeds is not None:
+                clip_text = F.normalize(self.project_clip_embeds(clip_text_embeds), dim=-1)
+            elif clip_input_ids is not None:
                 clip_text = F.normalize(self.get_clip_text_features(clip_input_ids, clip_attention_mask).pooler_output,
                                         dim=-1)
             output.loss = trikd_loss(output.text_embeds, output.image_embeds, self.logit_scale, clip_text,

@@ -8,8 +8,9 @@ in any script tokenizes without unknown tokens. The towers are hidden 32, 2 laye
 import string
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerFast, XLMRobertaConfig
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import (CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerFast,
+                          XLMRobertaConfig)
 
 from . import FAMILIES
 
@@ -40,9 +41,46 @@ def tiny_tokenizer():
                                    model_max_length=MAX_LENGTH)
 
 
-def tiny_text_config(vocab_size):
-    return XLMRobertaConfig(vocab_size=vocab_size, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                            num_attention_heads=HEADS, intermediate_size=FFN, max_position_embeddings=MAX_LENGTH + 2,
+def word_level_tokenizer(texts, max_length=MAX_LENGTH):
+    """A word-level tokenizer whose vocabulary is every word of `texts` (lower-cased; CJK characters are words of
+    their own, as BERT splits them; punctuation splits words), with the tiny tokenizer's special tokens.
+
+    One token per word gives even a random frozen encoder token states that tell the words apart: the embedded
+    default's multilingual text encoder (MTE). Words absent from `texts` become `<unk>`.
+    """
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False,
+                                            lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = sorted({word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))})
+    vocab = {token: index for index, token in enumerate(SPECIALS + [w for w in words if w not in SPECIALS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", SPECIALS.index("<s>")), ("</s>", SPECIALS.index("</s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>",
+                                   model_max_length=max_length)
+
+
+def small_clip_config(vocab_size, hidden=64, layers=2, image_size=IMAGE_SIZE, patch_size=8, projection_dim=64):
+    """A small CLIP (transformers `CLIPConfig`) to train from scratch: the English CLIP of the embedded default.
+
+    Its text tower reads the tiny tokenizers' ids (`<pad>` 1, `<s>` 0, `</s>` 3) and pools at `</s>`.
+    """
+    text = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=HEADS, max_position_embeddings=MAX_LENGTH, pad_token_id=1, bos_token_id=0,
+                eos_token_id=SPECIALS.index("</s>"))
+    vision = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=HEADS,
+                  image_size=image_size, patch_size=patch_size)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+
+
+def tiny_text_config(vocab_size, hidden=HIDDEN):
+    return XLMRobertaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=LAYERS,
+                            num_attention_heads=HEADS, intermediate_size=2 * hidden, max_position_embeddings=MAX_LENGTH + 2,
                             type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=SPECIALS.index("</s>"),
                             initializer_range=TEXT_INIT_RANGE)
 

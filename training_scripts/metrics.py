@@ -110,3 +110,12 @@ def summarize_columns(per_language):
     flat = {language: flatten(metrics) for language, metrics in per_language.items()}
     columns = next(iter(flat.values()))
     return {column: summarize({language: row[column] for language, row in flat.items()}) for column in columns}
+
+
+def chance_recall_at_1(query_keys, gallery_keys):
+    """R@1 in percent of a ranking at random: the mean over queries of (its positives in the gallery) / (gallery
+    size), the chance level that a retrieval R@1 should be read against."""
+    query_keys = torch.as_tensor(query_keys)
+    gallery_keys = torch.as_tensor(gallery_keys)
+    positives = (query_keys[:, None] == gallery_keys[None, :]).sum(dim=1).double()
+    return 100.0 * (positives / len(gallery_keys)).mean().item()
