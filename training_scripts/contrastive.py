@@ -25,8 +25,9 @@ from transformers import HfArgumentParser
 
 from modeling_xclip.losses import contrastive_loss
 from training_scripts.data import DatasetImages, image_features
-from training_scripts.embeddings import open_image
+from training_scripts.embeddings import cached_features, open_image
 from training_scripts.metrics import chance_recall_at_1
+from training_scripts.report import markdown
 from training_scripts.training import XCLIPTrainer, positive_keys
 
 logger = logging.getLogger(__name__)
@@ -102,16 +103,30 @@ def chance_levels(datasets_by_language):
     return chance
 
 
-def caption_rows(datasets_by_language, tokenizer, image_index, text_template="{}", max_length=None):
+def results_table(results):
+    """The per-language table of a results record (results.md's table, without its notes), for the console."""
+    return "\n".join(line for line in markdown(results).splitlines() if line.startswith("|"))
+
+
+def caption_rows(datasets_by_language, tokenizer, image_index, text_template="{}", max_length=None,
+                 clip_tokenizer=None):
     """Training rows of {language: Dataset}: `input_ids` (the caption, templated and tokenized), `image` (its index in
-    `image_index`, {image_id: int}), `english` and `row` (the row's position over all languages, for row tables)."""
+    `image_index`, {image_id: int}), `english` and `row` (the row's position over all languages, for row tables).
+    With `clip_tokenizer`, English rows also get `clip_input_ids` (TriKD's English side, when CLIP's text tower runs
+    at every step)."""
     rows = []
     for language, ds in datasets_by_language.items():
-        captions = [text_template.format(caption) for caption in ds["caption"]]
-        encoded = tokenizer(captions, truncation=True, max_length=max_length)["input_ids"]
-        for ids, image_id in zip(encoded, ds["image_id"]):
-            rows.append({"input_ids": ids, "image": image_index[str(image_id)], "english": language == "en",
-                         "row": len(rows)})
+        captions = list(ds["caption"])
+        encoded = tokenizer([text_template.format(c) for c in captions], truncation=True,
+                            max_length=max_length)["input_ids"]
+        clip_ids = (clip_tokenizer(captions, truncation=True)["input_ids"]
+                    if clip_tokenizer is not None and language == "en" else [None] * len(captions))
+        for ids, image_id, english_ids in zip(encoded, ds["image_id"], clip_ids):
+            row = {"input_ids": ids, "image": image_index[str(image_id)], "english": language == "en",
+                   "row": len(rows)}
+            if english_ids is not None:
+                row["clip_input_ids"] = english_ids
+            rows.append(row)
     return rows
 
 
@@ -173,6 +188,7 @@ def encode_token_states(encoder, tokenizer, texts, batch_size=64, max_length=Non
     """(states, lengths) of a frozen encoder over `texts`: its last hidden states, right-padded, for a StatesTable."""
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     lengths = torch.tensor([len(ids) for ids in encoded])
+    encoder.eval()   # a frozen tower: no dropout
     states = None
     for start in range(0, len(encoded), batch_size):
         batch = tokenizer.pad({"input_ids": encoded[start:start + batch_size]}, return_tensors="pt")
@@ -241,6 +257,53 @@ class TriKDCollator:
         return batch
 
 
+def trikd_collator(model, datasets_by_language, rows, clip_encoder, data_args, mte_tokenizer, frozen_features=True,
+                   cache_mte_states=False, text_template="{}", max_length=None, mte_fingerprint=None):
+    """The `TriKDCollator` of `rows` (`caption_rows` of `datasets_by_language`, with `clip_input_ids` when the
+    frozen towers run at every step).
+
+    With `frozen_features`, CLIP's image embeddings and English text embeddings are encoded once by `clip_encoder`
+    (an `embeddings.Encoder` of the CLIP model, cached under its cache_dir; images from --image_features when given)
+    and, with `cache_mte_states`, the MTE's token states too (`model.text_model`; cached under
+    `data_args.cache_dir`, keyed by `mte_fingerprint` and the texts). Otherwise every step runs the frozen towers on
+    pixels and CLIP token ids.
+    """
+    if not frozen_features:
+        _, _, sources = images_of(datasets_by_language)
+        images = PixelTable(DatasetImages(sources, data_args.data_dir), clip_encoder.image_processor)
+        return TriKDCollator(mte_tokenizer, images, clip_tokenizer=clip_encoder.tokenizer)
+    images = EmbeddingTable("clip_image_embeds", frozen_image_embeddings(
+        clip_encoder, data_args, data_args.train_split, datasets_by_language))
+    clip_texts = mte_states = None
+    english = [row["row"] for row in rows if row["english"]]
+    if english:
+        embeds = clip_encoder.texts(list(datasets_by_language["en"]["caption"]), desc="CLIP English texts")
+        table = torch.zeros(len(rows), embeds.shape[1])
+        table[english] = embeds
+        clip_texts = EmbeddingTable("clip_text_embeds", table)
+    if cache_mte_states:
+        texts = [text_template.format(c) for ds in datasets_by_language.values() for c in ds["caption"]]
+
+        def encode():
+            device = next(model.text_model.parameters()).device
+            return encode_token_states(model.text_model, mte_tokenizer, texts, max_length=max_length,
+                                       device=device)[0]
+
+        key = {"mte_states": mte_fingerprint, "texts": texts, "max_length": max_length}
+        states = (cached_features(data_args.cache_dir, key, encode) if data_args.cache_dir and mte_fingerprint
+                  else encode())
+        mte_states = StatesTable(states, torch.tensor([len(row["input_ids"]) for row in rows]))
+    return TriKDCollator(mte_tokenizer, images, clip_texts=clip_texts, mte_states=mte_states)
+
+
+def _frozen_towers_eval(model):
+    """Frozen towers compute without dropout, as when their outputs are encoded once (so caching keeps the loss)."""
+    for name in ("text_model", "vision_model", "clip_text_model"):
+        tower = getattr(model, name, None)
+        if tower is not None and not any(p.requires_grad for p in tower.parameters()):
+            tower.eval()
+
+
 class ContrastiveTrainer(XCLIPTrainer):
     """Image-text contrastive learning: `losses.contrastive_loss` between the model's normalised text and image
     embeddings at its learnable temperature (`logit_scale`, clamped as CLIP clamps it), over the global batch.
@@ -251,6 +314,7 @@ class ContrastiveTrainer(XCLIPTrainer):
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        _frozen_towers_eval(self.accelerator.unwrap_model(model))
         outputs = model(**inputs)
         logit_scale = self.accelerator.unwrap_model(model).logit_scale
         loss = contrastive_loss(outputs.text_embeds, outputs.image_embeds, logit_scale=logit_scale)
@@ -263,10 +327,12 @@ class TriKDTrainer(XCLIPTrainer):
     temperature). The model should be frozen to stage "trikd" (`model.freeze("trikd")`)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        _frozen_towers_eval(self.accelerator.unwrap_model(model))
         outputs = model(**inputs, return_loss=True)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
 
 __all__ = ["ContrastiveCollator", "ContrastiveTrainer", "EmbeddingTable", "PixelTable", "Rows", "StatesTable",
            "TriKDCollator", "TriKDTrainer", "caption_rows", "chance_levels", "encode_token_states",
-           "frozen_image_embeddings", "images_of", "optimizer_choice", "parse_with_defaults"]
+           "frozen_image_embeddings", "images_of", "optimizer_choice", "parse_with_defaults", "results_table",
+           "trikd_collator"]

@@ -25,7 +25,7 @@ from transformers import CLIPModel, TrainingArguments, XLMRobertaModel
 from modeling_xclip.tiny import (MAX_LENGTH, small_clip_config, tiny_image_processor, tiny_text_config,
                                  word_level_tokenizer)
 from processing import XCLIPProcessor
-from training_scripts.contrastive import ContrastiveCollator, ContrastiveTrainer, PixelTable, Rows, caption_rows
+from training_scripts.contrastive import ContrastiveCollator, ContrastiveTrainer, PixelTable, Rows, caption_rows, images_of
 from training_scripts.data import DatasetImages
 from training_scripts.training import DEFAULT_CACHE, DataArguments, load_languages
 
@@ -36,7 +36,9 @@ SYNTHETIC_OPTIONS = ["num_images=2000"]
 # the English CLIP's recipe (small images: 32 px in 8 px patches)
 CLIP_RECIPE = {"hidden": 64, "layers": 2, "patch_size": 8, "projection_dim": 64, "epochs": 25, "batch_size": 256,
                "learning_rate": 2e-3, "weight_decay": 0.1, "warmup": 0.1, "seed": 0}
-MTE_RECIPE = {"hidden": 64, "seed": 0}
+# XLM-R's own initialisation (0.02): the random layers add little to each token's embedding, so token states keep the
+# words apart (the tiny test models' wider 0.2 mixes every position into one common state)
+MTE_RECIPE = {"hidden": 64, "initializer_range": 0.02, "seed": 0}
 
 
 def _key(*parts):
@@ -75,8 +77,9 @@ def embedded_mte(cache_root=None, options=SYNTHETIC_OPTIONS):
     def build(directory):
         tokenizer = word_level_tokenizer(captions)
         torch.manual_seed(MTE_RECIPE["seed"])
-        XLMRobertaModel(tiny_text_config(len(tokenizer), hidden=MTE_RECIPE["hidden"]),
-                        add_pooling_layer=False).save_pretrained(directory)
+        config = tiny_text_config(len(tokenizer), hidden=MTE_RECIPE["hidden"])
+        config.initializer_range = MTE_RECIPE["initializer_range"]
+        XLMRobertaModel(config, add_pooling_layer=False).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
 
     return _build_once(target, build)
@@ -93,28 +96,31 @@ def embedded_clip(cache_root=None, options=SYNTHETIC_OPTIONS, recipe=CLIP_RECIPE
     return _build_once(target, build)
 
 
-def train_english_clip(output_dir, options=SYNTHETIC_OPTIONS, recipe=CLIP_RECIPE):
-    """Train a small CLIP from scratch on the synthetic English train split and save it with its processor."""
-    english = load_languages(synthetic_data_args(["en"], options), "train", columns=["caption", "image"])["en"]
-    tokenizer = word_level_tokenizer(english["caption"])
+def small_clip(english_captions, recipe=CLIP_RECIPE):
+    """A random small CLIP (`CLIPModel`) and its processor, with a word-level tokenizer of `english_captions`."""
+    tokenizer = word_level_tokenizer(english_captions)
     processor = XCLIPProcessor(tiny_image_processor(), tokenizer, max_length=MAX_LENGTH)
     torch.manual_seed(recipe["seed"])
     config = small_clip_config(len(tokenizer), hidden=recipe["hidden"], layers=recipe["layers"],
                                patch_size=recipe["patch_size"], projection_dim=recipe["projection_dim"])
-    model = CLIPModel(config)
-    image_ids = [str(i) for i in english["image_id"]]
-    rows = caption_rows({"en": english}, tokenizer, {image_id: i for i, image_id in enumerate(image_ids)},
-                        max_length=MAX_LENGTH)
-    images = PixelTable(DatasetImages([(english, row) for row in range(len(english))]), processor.image_processor,
-                        keep=True)
+    return CLIPModel(config), processor
+
+
+def train_english_clip(output_dir, options=SYNTHETIC_OPTIONS, recipe=CLIP_RECIPE):
+    """Train a small CLIP from scratch on the synthetic English train split and save it with its processor."""
+    english = load_languages(synthetic_data_args(["en"], options), "train", columns=["caption", "image"])["en"]
+    model, processor = small_clip(english["caption"], recipe)
+    _, image_index, sources = images_of({"en": english})
+    rows = caption_rows({"en": english}, processor.tokenizer, image_index, max_length=MAX_LENGTH)
+    images = PixelTable(DatasetImages(sources), processor.image_processor, keep=True)
     args = TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=recipe["batch_size"],
         num_train_epochs=recipe["epochs"], learning_rate=recipe["learning_rate"],
         weight_decay=recipe["weight_decay"], warmup_steps=recipe["warmup"], lr_scheduler_type="cosine",
-        seed=recipe["seed"], save_strategy="no", report_to=[], logging_steps=25, dataloader_drop_last=True,
-        disable_tqdm=False)
+        seed=recipe["seed"], save_strategy="no", report_to="none", logging_steps=25, dataloader_drop_last=True,
+        dataloader_pin_memory=False)
     trainer = ContrastiveTrainer(model=model, args=args, train_dataset=Rows(rows),
-                                 data_collator=ContrastiveCollator(tokenizer, images),
+                                 data_collator=ContrastiveCollator(processor.tokenizer, images),
                                  run_info={"stage": "english-clip", "model": "embedded"})
     trainer.train()
     trainer.save_model(str(output_dir))

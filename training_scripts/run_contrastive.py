@@ -21,15 +21,14 @@ from typing import Optional
 if __package__ in (None, ""):  # run as a file: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import AutoProcessor, TrainingArguments
+from transformers import AutoProcessor, TrainingArguments, set_seed
 
 from training_scripts.cli import run_cli
 from training_scripts.contrastive import (ContrastiveCollator, ContrastiveTrainer, EmbeddingTable, PixelTable, Rows,
                                           caption_rows, chance_levels, frozen_image_embeddings, images_of,
-                                          parse_with_defaults)
+                                          parse_with_defaults, results_table)
 from training_scripts.data import DatasetImages
 from training_scripts.embeddings import Encoder, load_model
-from training_scripts.report import markdown
 from training_scripts.training import (DataArguments, RetrievalEvaluator, check_images, check_output_dir, finish,
                                        load_languages, results_record)
 
@@ -38,7 +37,8 @@ logger = logging.getLogger(__name__)
 TRAINING_DEFAULTS = dict(output_dir="contrastive-output", per_device_train_batch_size=1024, learning_rate=2e-6,
                          adam_beta1=0.99, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.05, warmup_steps=2000,
                          num_train_epochs=1, max_grad_norm=5.0, lr_scheduler_type="linear", logging_steps=20,
-                         save_strategy="epoch", save_total_limit=1, dataloader_drop_last=True, report_to="none",
+                         save_strategy="epoch", save_total_limit=1, dataloader_drop_last=True, dataloader_pin_memory=False,
+                         report_to="none",
                          seed=42)
 
 
@@ -52,6 +52,10 @@ class ContrastiveArguments:
     test_split: Optional[str] = field(default="test", metadata={
         "help": "split of the final per-language results ('none': no final evaluation)"})
 
+    def __post_init__(self):
+        if self.test_split in ("none", "None", ""):
+            self.test_split = None
+
 
 def _main(argv):
     model_args, data_args, training_args = parse_with_defaults(
@@ -59,6 +63,7 @@ def _main(argv):
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_output_dir(training_args.output_dir, data_args.overwrite_output_dir)
+    set_seed(training_args.seed)    # before any weight is initialised: a run is reproducible
     train = load_languages(data_args, data_args.train_split, columns=["caption", "image_id"],
                            purpose="contrastive learning", max_samples=data_args.max_train_samples)
     check_images(train, data_args, purpose="contrastive learning")
@@ -124,7 +129,7 @@ def _main(argv):
                                  {language: {"texts": len(ds), "images": len(images_of({language: ds})[0])}
                                   for language, ds in sets.items()})
         if trainer.is_world_process_zero():
-            print(markdown(results))
+            print(results_table(results))
     hyperparameters = {name: getattr(training_args, name) for name in (
         "learning_rate", "per_device_train_batch_size", "num_train_epochs", "warmup_steps", "lr_scheduler_type",
         "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "seed", "world_size")}
