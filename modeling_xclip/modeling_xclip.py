@@ -34,6 +34,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_xclip import MCLIPConfig, XAltCLIPConfig, XMCLIPConfig
 from .losses import contrastive_loss, trikd_loss
+from .pet_xclip import attach_pet_hosts
 
 logger = logging.getLogger(__name__)
 
@@ -406,6 +407,8 @@ class MCLIPModel(XCLIPPreTrainedModel):
         super().__init__(config)
         self.transformer = build_text_encoder(config.text_config)
         self.LinearTransformation = nn.Linear(config.transformerDimensions, config.numDims)
+        # empty, parameter-free hosts of the per-language Adapter and Compacter heads (pet_xclip.py; needs PEFT)
+        attach_pet_hosts(self.transformer)
         self._build_clip_towers(config)
         self.post_init()
 
