@@ -473,3 +473,18 @@ def push_adapters(output_dir, repo_id, languages):
     patterns = [f"{language}/*" for language in languages] + ["README.md", "results.json", "results.md", "results.png"]
     return huggingface_hub.upload_folder(repo_id=repo_id, folder_path=str(output_dir), allow_patterns=patterns,
                                          commit_message=f"Per-language adapters: {', '.join(languages)}")
+
+
+def use_language(encoder, adapters, language, translated):
+    """Make an evaluation `Encoder` encode `language` with its own adapter; returns the language's hard prompt.
+
+    A routine-3 adapter was trained on captions translated into English: evaluating it without translations is an
+    error."""
+    encoder.model, meta = load_language_adapter(encoder.model, adapters, language)
+    if meta.get("translated_test") and not translated:
+        raise ValueError(f"{Path(adapters) / language}: this adapter was trained with alignment routine 3 and reads "
+                         f"captions translated into English: pass --translated_captions with {language!r} rows")
+    # the embedding cache must tell the languages' adapters apart
+    encoder._fingerprint = [encoder._fingerprint, str(Path(adapters).resolve()), language,
+                            (Path(adapters) / language / PET_FILE).stat().st_mtime_ns]
+    return meta["hard_prompt"]

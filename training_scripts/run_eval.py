@@ -35,6 +35,7 @@ from datasets_builders import BUILDERS
 from training_scripts.data import (DatasetImages, dataset_languages, dataset_option, image_features, load_language,
                                    pick_split, read_translations, translate)
 from training_scripts.embeddings import Encoder
+from training_scripts.pet import use_language
 from training_scripts.metrics import classification_metrics, retrieval_metrics, summarize_columns
 from training_scripts.report import existing_results, write_results
 
@@ -76,14 +77,17 @@ def evaluate_retrieval(args, encoder):
             captions = translate(image_ids, translations[language])
         elif translations:
             logger.info("%s: no translations in %s, its own captions are used", language, args.translated_captions)
-        text_embeds = encoder.texts([args.text_template.format(c) for c in captions], desc=f"{language} texts")
+        template = args.text_template
+        if args.adapters:  # the language's own PET adapter and hard prompt
+            template = use_language(encoder, args.adapters, language, language in translations)
+        text_embeds = encoder.texts([template.format(c) for c in captions], desc=f"{language} texts")
         gallery = list(dict.fromkeys(image_ids))
         per_language[language] = retrieval_metrics(text_embeds, keys, image_embeds[[position[i] for i in gallery]],
                                                    [image_key[i] for i in gallery])
         sizes[language] = {"texts": len(captions), "images": len(gallery)}
         logger.info("%s: r1_mean %.2f, mean_recall %.2f", language, per_language[language]["r1_mean"],
                     per_language[language]["mean_recall"])
-    setup = {"text_template": args.text_template, "image_features": args.image_features,
+    setup = {"text_template": args.text_template, "adapters": args.adapters, "image_features": args.image_features,
              "translated_captions": args.translated_captions,
              "translated_languages": [language for language in languages if language in translations]}
     return split, setup, sizes, per_language
@@ -136,6 +140,7 @@ def build_parser():
     parser.add_argument("--text_template", help='e.g. "a photo of {}" or "query: {}"; default: the template saved '
                                                  "with the model's processor, else none")
     parser.add_argument("--translated_captions", help="retrieval, translate-test: captions translated into English")
+    parser.add_argument("--adapters", help="retrieval: a run_pet output dir; each language uses its own adapter")
     parser.add_argument("--class_names", help="classification: JSON {language: {class_folder: name}}")
     parser.add_argument("--prompts", help="classification: JSON {language: [templates]}")
     parser.add_argument("--batch_size", type=int, default=64)

@@ -1,0 +1,129 @@
+"""run_pet end to end on a synthetic world whose weakest languages lag; --push_to_hub with a fake upload;
+xclip-eval --adapters; the real xlmr-me5-small on the XTD sample (slow)."""
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datasets_builders import load
+from modeling_xclip.losses import contrastive_loss
+from modeling_xclip.tiny import EMBED_DIM, build_tiny_model
+from training_scripts import pet, run_eval, run_pet
+
+SEED = 0
+NUM_IMAGES = 400
+STRONG = ["en", "de", "fr"]
+LANGUAGES = ["en", "de", "ru", "ja"]
+PRETRAIN_STEPS = 300
+
+
+def concept_vectors(concepts):
+    """An image vector per concept, the sum of a random vector per attribute (size, colour, shape, position): a text
+    encoder that reads the attributes generalises to unseen concepts."""
+    generator = torch.Generator().manual_seed(SEED)
+    parts = [c.split("-", 3) for c in sorted(set(concepts))]
+    attribute = {(slot, value): torch.randn(EMBED_DIM, generator=generator)
+                 for p in parts for slot, value in enumerate(p)}
+    return {"-".join(p): sum(attribute[slot, value] for slot, value in enumerate(p)) for p in parts}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is ~50x faster than oversubscribed ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, one_thread):
+    """A tiny M-CLIP trained on en/de/fr only (other languages lag), and image vectors per concept."""
+    root = tmp_path_factory.mktemp("pet_world")
+    loaded = {lang: load("synthetic", lang, num_images=NUM_IMAGES) for lang in set(STRONG + LANGUAGES)}
+    splits = {s: {lang: loaded[lang][s] for lang in loaded} for s in ("train", "validation", "test")}
+    concepts = [c for s in splits.values() for c in s["en"]["concept"]]
+    table = concept_vectors(concepts)
+    rows = {str(i): table[c].tolist() for s in splits.values() for i, c in zip(s["en"]["image_id"], s["en"]["concept"])}
+    features = root / "features.parquet"
+    pd.DataFrame({"image_id": list(rows), "image_embeds": list(rows.values())}).to_parquet(features)
+
+    model, processor = build_tiny_model("m-clip", seed=SEED)
+    torch.manual_seed(SEED)
+    model.train()
+    optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if n.split(".")[0] in
+                                  ("transformer", "LinearTransformation")], lr=2e-3)
+    texts = [(c, table[k]) for lang in STRONG for c, k in zip(splits["train"][lang]["caption"],
+                                                               splits["train"][lang]["concept"])]
+    generator = torch.Generator().manual_seed(SEED)
+    for _ in range(PRETRAIN_STEPS):
+        batch = [texts[i] for i in torch.randperm(len(texts), generator=generator)[:32].tolist()]
+        tokens = processor.tokenizer([t for t, _ in batch], padding=True, return_tensors="pt")
+        text = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
+        loss = contrastive_loss(text, F.normalize(torch.stack([v for _, v in batch]), dim=-1), temperature=0.05)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(root / "base")
+    processor.save_pretrained(root / "base")
+    return {"base": root / "base", "features": features, "root": root}
+
+
+def run(world, out, *extra):
+    run_pet.main(["--base", str(world["base"]), "--dataset", "synthetic", "--dataset_options", f"num_images={NUM_IMAGES}",
+                  "--image_features", str(world["features"]), "--output_dir", str(out), "--seed", str(SEED),
+                  "--use_cpu", "true", *extra])
+    return json.loads((out / "results.json").read_text())
+
+
+def test_lora_routine1_mse_lifts_the_weakest_languages(world, monkeypatch):
+    uploads = []
+
+    def fake_upload(**kwargs):
+        folder = Path(kwargs["folder_path"])
+        from fnmatch import fnmatch
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
+                       and any(fnmatch(str(p.relative_to(folder)), pat) for pat in kwargs["allow_patterns"]))
+        uploads.append((kwargs["repo_id"], files))
+
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, exist_ok=False: repo_id)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload)
+
+    out = world["root"] / "lora"
+    report = run(world, out, "--pet_method", "lora", "--languages", *LANGUAGES, "--alignment", "routine1",
+                 "--alignment_loss", "mse", "--alignment_weight", "0.5", "--max_steps", "40", "--eval_steps", "10",
+                 "--learning_rate", "3e-3", "--push_to_hub", "user/mclip-lora")
+    zero = {lang: report["zero_shot"]["per_language"][lang]["r1_mean"] for lang in LANGUAGES}
+    trained = {lang: report["per_language"][lang]["r1_mean"] for lang in LANGUAGES}
+    print("\nzero-shot r1_mean", zero, report["zero_shot"]["summary"]["r1_mean"])
+    print("LoRA+routine1/MSE", trained, report["summary"]["r1_mean"])
+    weakest = sorted(LANGUAGES, key=zero.get)[:2]
+    assert all(trained[lang] > zero[lang] for lang in weakest), (weakest, zero, trained)
+    assert report["summary"]["r1_mean"]["std"] < report["zero_shot"]["summary"]["r1_mean"]["std"]
+    assert report["summary"]["r1_mean"]["range"] < report["zero_shot"]["summary"]["r1_mean"]["range"]
+
+    # outputs: adapters per language, the Table 1 comparison, the card; the upload holds exactly these
+    assert "zero-shot (base)" in (out / "results.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "model-index" in card and "PeftModel.from_pretrained" in card
+    expected = sorted([f"{lang}/{name}" for lang in LANGUAGES for name in
+                       ("adapter_config.json", "adapter_model.safetensors", pet.PET_FILE)]
+                      + ["README.md", "results.json", "results.md", "results.png"])
+    assert uploads == [("user/mclip-lora", expected)]
+
+    # a second run skips languages that have results
+    before = (out / "de" / "adapter_model.safetensors").stat().st_mtime_ns
+    run(world, out, "--pet_method", "lora", "--languages", "de", "--max_steps", "2")
+    assert (out / "de" / "adapter_model.safetensors").stat().st_mtime_ns == before
+
+    # xclip-eval --adapters: each language with its own adapter gives run_pet's test numbers
+    run_eval.main(["--model", str(world["base"]), "--adapters", str(out), "--dataset", "synthetic",
+                   "--dataset_options", f"num_images={NUM_IMAGES}", "--image_features", str(world["features"]),
+                   "--languages", *LANGUAGES, "--output_dir", str(world["root"] / "eval"), "--device", "cpu"])
+    evaluated = json.loads((world["root"] / "eval" / "results.json").read_text())
+    for lang in LANGUAGES:
+        assert evaluated["per_language"][lang]["r1_mean"] == pytest.approx(trained[lang])
