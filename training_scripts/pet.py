@@ -103,7 +103,20 @@ def peft_config(method, model, rank=None, num_virtual_tokens=None, prompt_init_t
     if method == "linear":
         return LNTuningConfig(target_modules=["LinearTransformation"])
     if method == "full":
-        return LNTuningConfig(target_modules=["transformer", "LinearTransformation"])
+        # every module of the encoder that holds weights (PEFT's layer wrappers take positional inputs, which the
+        # encoder's top-level modules do not get): a per-language copy of the whole text encoder
+        from peft.tuners.ln_tuning.layer import LNTuningLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        owners, wrapped = [], []
+        for name, module in model.transformer.named_modules():
+            if any(name.startswith(prefix) for prefix in wrapped):
+                continue  # inside a PEFT layer (another language's copy, or a host)
+            if isinstance(module, BaseTunerLayer):
+                wrapped.append(f"{name}.")
+            if isinstance(module, LNTuningLayer) or next(module.parameters(recurse=False), None) is not None:
+                owners.append(f"transformer.{name}")
+        return LNTuningConfig(target_modules=owners + ["LinearTransformation"])
     if method == "prompt":
         text = model.config.text_config
         if prompt_init_text and num_virtual_tokens is None:  # one virtual token per token of the text (3 for "a photo of")
