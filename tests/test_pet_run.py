@@ -127,3 +127,43 @@ def test_lora_routine1_mse_lifts_the_weakest_languages(world, monkeypatch):
     evaluated = json.loads((world["root"] / "eval" / "results.json").read_text())
     for lang in LANGUAGES:
         assert evaluated["per_language"][lang]["r1_mean"] == pytest.approx(trained[lang])
+
+
+@pytest.mark.slow
+def test_real_weights_lora_routine1_on_the_xtd_sample(offline_models, shared_dir, tmp_path):
+    """LoRA + routine-1 MSE on the M-CLIP format of the real xlmr-me5-small, XTD sample few-shot (5/5/90); image
+    vectors are the same encoder's embeddings of the English captions."""
+    from transformers import AutoTokenizer
+
+    from modeling_xclip import MCLIPModel
+    from training_scripts.embeddings import load_model
+
+    encoder_dir = offline_models("xlmr-me5-small")
+    data_dir = shared_dir / "data" / "xtd-sample"
+    torch.manual_seed(SEED)
+    model = MCLIPModel.from_pretrained_towers(text=str(encoder_dir), numDims=384).eval()
+    model.save_pretrained(tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    tokenizer.save_pretrained(tmp_path / "base")
+    english = load("xtd", "en", data_dir=str(data_dir), variant="fewshot")
+    ids = [str(i) for s in english.values() for i in s["image_id"]]
+    captions = [c for s in english.values() for c in s["caption"]]
+    vectors = pet.encode_texts(load_model(str(tmp_path / "base")), tokenizer, captions)
+    features = tmp_path / "features.parquet"
+    pd.DataFrame({"image_id": ids, "image_embeds": vectors.tolist()}).to_parquet(features)
+
+    out = tmp_path / "out"
+    languages = ["en", "de", "ja"]
+    run_pet.main(["--base", str(tmp_path / "base"), "--dataset", "xtd", "--data_dir", str(data_dir),
+                  "--dataset_options", "variant=fewshot", "--image_features", str(features), "--languages", *languages,
+                  "--pet_method", "lora", "--alignment", "routine1", "--alignment_loss", "mse",
+                  "--max_steps", "6", "--eval_steps", "3", "--per_device_train_batch_size", "5",
+                  "--output_dir", str(out), "--use_cpu", "true", "--seed", str(SEED)])
+    report = json.loads((out / "results.json").read_text())
+    for name, block in (("zero-shot", report["zero_shot"]), ("LoRA + routine1/MSE", report)):
+        r1 = {lang: round(block["per_language"][lang]["r1_mean"], 2) for lang in languages}
+        summary = block["summary"]["r1_mean"]
+        print(f"\n{name}: R@1 {r1}, Std {summary['std']:.2f}, Range {summary['range']:.2f}")
+    assert report["zero_shot"]["per_language"]["en"]["r1_mean"] == 100.0  # images are the English captions' vectors
+    assert all((out / lang / "adapter_model.safetensors").exists() for lang in languages)
+    assert report["sizes"]["de"]["texts"] == 90
