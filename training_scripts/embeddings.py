@@ -51,6 +51,27 @@ def model_fingerprint(name_or_path):
     return [str(path.resolve())] + [f"{f.relative_to(path)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
 
 
+def cached_features(cache_dir, key, compute):
+    """The tensor ``compute()`` returns, stored once in ``cache_dir`` as ``<sha256 of key>.safetensors``.
+
+    This is the library's one cache of what frozen towers compute (evaluation embeddings, teacher targets, image and
+    English CLIP embeddings in training): ``key`` (JSON-serialisable) must name everything the result depends on,
+    e.g. the model's ``model_fingerprint`` and the exact inputs. Files are written atomically.
+    """
+    cache_dir = Path(cache_dir)
+    text = json.dumps(key, sort_keys=True, ensure_ascii=False)
+    path = cache_dir / f"{hashlib.sha256(text.encode()).hexdigest()}.safetensors"
+    if path.exists():
+        logger.info("loaded from cache %s", path)
+        return load_file(path)["embeds"]
+    embeds = compute()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file({"embeds": embeds.contiguous()}, partial)
+    partial.replace(path)
+    return embeds
+
+
 def open_image(source):
     """An RGB image from a PIL image, a path, or a datasets ``Image(decode=False)`` entry."""
     if isinstance(source, dict):
@@ -65,16 +86,26 @@ class Encoder:
     """
 
     def __init__(self, model_path, device="cpu", batch_size=64, cache_dir=None):
+        self._setup(load_model(model_path), AutoProcessor.from_pretrained(model_path, trust_remote_code=True),
+                    device, batch_size, cache_dir, model_fingerprint(model_path))
+
+    @classmethod
+    def from_model(cls, model, processor, device=None, batch_size=64):
+        """An encoder of an in-memory model (e.g. during training): nothing is cached, since its weights change."""
+        encoder = cls.__new__(cls)
+        encoder._setup(model, processor, device or next(model.parameters()).device, batch_size, None, None)
+        return encoder
+
+    def _setup(self, model, processor, device, batch_size, cache_dir, fingerprint):
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.model = load_model(model_path).to(self.device)
-        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+        self.model = model.to(self.device)
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.image_processor = getattr(processor, "image_processor", None)
         self.text_template = getattr(processor, "text_template", None) or "{}"
         self.max_length = getattr(processor, "max_length", None)
-        self._fingerprint = model_fingerprint(model_path)
+        self._fingerprint = fingerprint
 
     def texts(self, texts, desc="texts"):
         """(len(texts), d) float32 CPU tensor of L2-normalised text embeddings, in the order given."""
@@ -89,19 +120,9 @@ class Encoder:
         return self._cached({"images": identity}, lambda: self._encode_images(images, desc))
 
     def _cached(self, inputs, compute):
-        if self.cache_dir is None:
+        if self.cache_dir is None or self._fingerprint is None:
             return compute()
-        key = json.dumps({"model": self._fingerprint, **inputs}, sort_keys=True, ensure_ascii=False)
-        path = self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
-        if path.exists():
-            logger.info("embeddings loaded from cache %s", path)
-            return load_file(path)["embeds"]
-        embeds = compute()
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file({"embeds": embeds.contiguous()}, partial)
-        partial.replace(path)
-        return embeds
+        return cached_features(self.cache_dir, {"model": self._fingerprint, **inputs}, compute)
 
     @torch.inference_mode()
     def _encode_texts(self, texts, desc):
