@@ -14,6 +14,7 @@ from modeling_xclip.losses import alignment_loss, pet_alignment_loss
 from modeling_xclip.pet_xclip import CompacterBottleneck
 from modeling_xclip.tiny import build_tiny_model
 from training_scripts import pet, run_pet
+from training_scripts.embeddings import text_features
 
 TEXTS = ["ein Hund im Schnee", "a red circle", "一只猫", "un chat"]
 
@@ -80,7 +81,7 @@ def test_gradients_reach_only_what_the_method_trains(method, tmp_path):
     model, processor = build_tiny_model("m-clip", save_dir=tmp_path / "base")
     model = pet.add_pet(model, method, "de", prompt_init_text="a photo of", tokenizer_path=str(tmp_path / "base"))
     tokens = processor.tokenizer(TEXTS, padding=True, return_tensors="pt")
-    loss = pet.text_vectors(model, tokens["input_ids"], tokens["attention_mask"]).square().sum()
+    loss = text_features(model, tokens["input_ids"], tokens["attention_mask"]).square().sum()
     loss.backward()
     got_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -155,8 +156,8 @@ def test_every_method_round_trips_in_a_fresh_process(tmp_path):
                         p.add_(0.05 * torch.randn_like(p))
             model.eval()
             with torch.no_grad():
-                expected[f"{method}.{language}"] = pet.text_vectors(model, tokens["input_ids"],
-                                                                    tokens["attention_mask"])
+                expected[f"{method}.{language}"] = text_features(model, tokens["input_ids"],
+                                                         tokens["attention_mask"])
             pet.save_language(model, tmp_path / method, language, {"method": method})
         assert expected[f"{method}.de"].ne(expected[f"{method}.fr"]).any()
     out = tmp_path / "vectors.safetensors"

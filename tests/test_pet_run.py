@@ -83,14 +83,17 @@ def test_lora_routine1_mse_lifts_the_weakest_languages(world, monkeypatch):
     uploads = []
 
     def fake_upload(**kwargs):
+        """upload_folder's choice of files: those matching an allow pattern (if any) and no ignore pattern."""
         folder = Path(kwargs["folder_path"])
         from fnmatch import fnmatch
-        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
-                       and any(fnmatch(str(p.relative_to(folder)), pat) for pat in kwargs["allow_patterns"]))
+        paths = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+        files = sorted(path for path in paths
+                       if any(fnmatch(path, pat) for pat in kwargs.get("allow_patterns") or ["*"])
+                       and not any(fnmatch(path, pat) for pat in kwargs.get("ignore_patterns") or []))
         uploads.append((kwargs["repo_id"], files))
 
     import huggingface_hub
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, exist_ok=False: repo_id)
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: repo_id)
     monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload)
 
     out = world["root"] / "lora"
@@ -129,6 +132,41 @@ def test_lora_routine1_mse_lifts_the_weakest_languages(world, monkeypatch):
         assert evaluated["per_language"][lang]["r1_mean"] == pytest.approx(trained[lang])
 
 
+def test_an_interrupted_language_resumes_to_the_same_adapter_and_only_from_its_own_run(world, monkeypatch, capsys):
+    """Checkpoints are the Trainer's (OUT/checkpoints/{lang}); a resumed run ends with the weights of an uninterrupted
+    one, a checkpoint of another run (here another λ) is refused, and unfinished checkpoints are never overwritten."""
+    from safetensors.torch import load_file
+
+    flags = ["--pet_method", "lora", "--languages", "de", "--alignment", "routine1", "--max_steps", "6",
+             "--eval_steps", "2", "--learning_rate", "3e-3"]
+    run(world, world["root"] / "straight", *flags)
+
+    out = world["root"] / "resumed"
+    original = pet.PETTrainer.training_step
+
+    def crash(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise RuntimeError("interrupted")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pet.PETTrainer, "training_step", crash)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(world, out, *flags)
+    monkeypatch.setattr(pet.PETTrainer, "training_step", original)
+    assert (out / "checkpoints" / "de" / "checkpoint-2").is_dir() and not (out / "de").exists()
+
+    for extra, message in ((["--alignment_weight", "0.7", "--resume_from_checkpoint", "true"], "from another run"),
+                           ([], "holds checkpoints of an unfinished de run")):
+        with pytest.raises(SystemExit):
+            run(world, out, *flags, *extra)
+        assert message in capsys.readouterr().err
+    run(world, out, *flags, "--resume_from_checkpoint", "true")
+    assert not (out / "checkpoints").exists()
+    straight = load_file(world["root"] / "straight" / "de" / "adapter_model.safetensors")
+    resumed = load_file(out / "de" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 @pytest.mark.slow
 def test_real_weights_lora_routine1_on_the_xtd_sample(offline_models, shared_dir, tmp_path):
     """LoRA + routine-1 MSE on the M-CLIP format of the real xlmr-me5-small, XTD sample few-shot (5/5/90); image
@@ -136,7 +174,7 @@ def test_real_weights_lora_routine1_on_the_xtd_sample(offline_models, shared_dir
     from transformers import AutoTokenizer
 
     from modeling_xclip import MCLIPModel
-    from training_scripts.embeddings import load_model
+    from training_scripts.embeddings import Encoder, load_model
 
     encoder_dir = offline_models("xlmr-me5-small")
     data_dir = shared_dir / "data" / "xtd-sample"
@@ -148,7 +186,7 @@ def test_real_weights_lora_routine1_on_the_xtd_sample(offline_models, shared_dir
     english = load("xtd", "en", data_dir=str(data_dir), variant="fewshot")
     ids = [str(i) for s in english.values() for i in s["image_id"]]
     captions = [c for s in english.values() for c in s["caption"]]
-    vectors = pet.encode_texts(load_model(str(tmp_path / "base")), tokenizer, captions)
+    vectors = Encoder.from_model(load_model(str(tmp_path / "base")), tokenizer).texts(captions)
     features = tmp_path / "features.parquet"
     pd.DataFrame({"image_id": ids, "image_embeds": vectors.tolist()}).to_parquet(features)
 

@@ -12,7 +12,8 @@ import logging
 import sys
 
 # exceptions that report a user's input; anything else is a bug and keeps its traceback
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+               KeyError)
 
 
 def run_cli(main, argv=None):

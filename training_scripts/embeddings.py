@@ -42,6 +42,18 @@ def load_model(name_or_path):
     return model.eval()
 
 
+def text_features(model, input_ids, attention_mask):
+    """Unnormalised projected text vectors of a model, or of a PeftModel of one: PEFT prepends a soft prompt's
+    virtual tokens in its forward only, so a prompt-learning adapter runs the forward (with one dummy image vector,
+    which M-CLIP's forward needs and whose output is not used)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) and model.peft_config[model.active_adapter].is_prompt_learning:
+        dummy = input_ids.new_zeros((1, model.get_base_model().config.numDims), dtype=torch.float32)
+        return model(input_ids=input_ids, attention_mask=attention_mask, image_embeds=dummy).text_model_output.pooler_output
+    return model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+
 def model_fingerprint(name_or_path):
     """What identifies a model's outputs: its id, or a local dir's path and its files' sizes and mtimes."""
     path = Path(name_or_path)
@@ -134,9 +146,9 @@ class Encoder:
                 rows = order[start:start + self.batch_size]
                 batch = self.tokenizer.pad({name: [encoded[name][i] for i in rows]
                                             for name in ("input_ids", "attention_mask")}, return_tensors="pt")
-                output = self.model.get_text_features(input_ids=batch["input_ids"].to(self.device),
-                                                      attention_mask=batch["attention_mask"].to(self.device))
-                chunks.append(F.normalize(output.pooler_output.float(), dim=-1).cpu())
+                output = text_features(self.model, batch["input_ids"].to(self.device),
+                                       batch["attention_mask"].to(self.device))
+                chunks.append(F.normalize(output.float(), dim=-1).cpu())
                 progress.update(len(rows))
         embeds = torch.empty(len(texts), chunks[0].shape[1])
         embeds[order] = torch.cat(chunks)

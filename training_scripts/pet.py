@@ -17,13 +17,12 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from transformers import Trainer
 
 from modeling_xclip.losses import ALIGNMENT_LOSSES, pet_alignment_loss
 from modeling_xclip.pet_xclip import ADAPTER_HOST, COMPACTER_HOST, PHM_DIM
 from training_scripts.data import read_table
-from training_scripts.metrics import retrieval_metrics
+from training_scripts.embeddings import text_features
+from training_scripts.training import XCLIPTrainer, save_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +156,7 @@ def add_pet(model, method, language, **kwargs):
 def trainable_share(model, method, language="xx"):
     """{"method": share of the text encoder added by the method (%), "trainable": share trained per language
     including the linear head and LayerNorms (%), counts}; `model` is an M-CLIP model (e.g. on the meta device)."""
-    encoder = sum(p.numel() for name, p in model.named_parameters()
-                  if name.split(".")[0] in ("transformer", "LinearTransformation"))
+    encoder = text_encoder_parameters(model)
     peft = add_pet(model, method, language)
     trainable = {name: p.numel() for name, p in peft.named_parameters() if p.requires_grad}
     own = sum(n for name, n in trainable.items()
@@ -311,86 +309,43 @@ class PETCollator:
         return batch
 
 
-def text_vectors(model, input_ids, attention_mask):
-    """Unnormalised text vectors of an M-CLIP model or a PeftModel of one (soft prompts through PEFT's forward)."""
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel) and model.peft_config[model.active_adapter].is_prompt_learning:
-        # PEFT prepends the virtual tokens in its forward only; one dummy image vector lets M-CLIP's forward run
-        dummy = input_ids.new_zeros((1, model.get_base_model().config.numDims), dtype=torch.float32)
-        return model(input_ids=input_ids, attention_mask=attention_mask, image_embeds=dummy).text_model_output.pooler_output
-    return model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-
-
-@torch.no_grad()
-def encode_texts(model, tokenizer, texts, template="{}", batch_size=64, max_length=None):
-    """(n, d) L2-normalised text vectors, in the order given."""
-    was_training = model.training
-    model.eval()
-    device = next(p.device for p in model.parameters())
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer([template.format(t) for t in texts[start:start + batch_size]], padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt")
-        chunks.append(F.normalize(text_vectors(model, batch["input_ids"].to(device),
-                                               batch["attention_mask"].to(device)).float(), dim=-1).cpu())
-    model.train(was_training)
-    return torch.cat(chunks)
-
-
-class RetrievalSplit:
-    """One language's split for in-memory retrieval: texts, positive keys, gallery image vectors and keys."""
-
-    def __init__(self, texts, keys, image_embeds, image_keys, template="{}"):
-        self.texts, self.keys, self.image_embeds, self.image_keys, self.template = (
-            texts, keys, image_embeds, image_keys, template)
-
-    def metrics(self, model, tokenizer, max_length=None):
-        text_embeds = encode_texts(model, tokenizer, self.texts, self.template, max_length=max_length)
-        return retrieval_metrics(text_embeds, self.keys, self.image_embeds, self.image_keys)
-
-
 # --- training -------------------------------------------------------------------------------------------------------
-class PETTrainer(Trainer):
-    """`Trainer` with the loss of seed paper 000 eq. 9, L = L_i2t + L_t2i + λ L_alignment, on cached image vectors
-    (the image tower is frozen and never runs), and an in-memory retrieval `evaluate` on the validation split, so
-    that `metric_for_best_model="r1_mean"` and `load_best_model_at_end` keep the best checkpoint."""
+class PETTrainer(XCLIPTrainer):
+    """The loss of seed paper 000 eq. 9, L = L_i2t + L_t2i + λ L_alignment, on cached image vectors (the image tower
+    is frozen and never runs). Evaluation, best checkpoint and resume are `XCLIPTrainer`'s."""
 
-    def __init__(self, *args, alignment_loss="mse", alignment_weight=0.1, validation=None, eval_tokenizer=None,
-                 **kwargs):
+    def __init__(self, *args, alignment_loss="mse", alignment_weight=0.1, **kwargs):
         super().__init__(*args, **kwargs)
         self.alignment_loss, self.alignment_weight = alignment_loss, alignment_weight
-        self.validation, self.eval_tokenizer = validation, eval_tokenizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        text = text_vectors(model, inputs["input_ids"], inputs["attention_mask"])
+        text = text_features(model, inputs["input_ids"], inputs["attention_mask"])
         pivot = None
         if "pivot_input_ids" in inputs:
-            pivot = text_vectors(model, inputs["pivot_input_ids"], inputs["pivot_attention_mask"])
+            pivot = text_features(model, inputs["pivot_input_ids"], inputs["pivot_attention_mask"])
         loss = pet_alignment_loss(text, inputs["image_embeds"].to(text.dtype), pivot=pivot, kind=self.alignment_loss,
                                   weight=self.alignment_weight)
         return (loss, {"text_embeds": text}) if return_outputs else loss
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        if self.validation is None:
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        result = self.validation.metrics(self.model, self.eval_tokenizer)
-        metrics = {f"{metric_key_prefix}_{name}": value for name, value in
-                   (("r1_mean", result["r1_mean"]), ("mean_recall", result["mean_recall"]),
-                    ("t2i_R@1", result["t2i"]["R@1"]), ("i2t_R@1", result["i2t"]["R@1"]))}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
 
 def save_language(model, output_dir, language, meta):
-    """Write the language's adapter (PEFT's files, if any) and its pet_xclip.json to output_dir/language/."""
+    """Write the language's adapter (PEFT's files, if any) and its pet_xclip.json to output_dir/language/.
+
+    The adapter is the one named `language`, else the active one (run_pet trains under PEFT's "default" name, the
+    one `Trainer` saves, resumes and reloads as the best checkpoint); PEFT's files do not hold the name."""
     from peft import PeftModel
 
     folder = Path(output_dir) / language
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PeftModel):
-        model.save_pretrained(str(output_dir), selected_adapters=[language])
+        name = language if language in model.peft_config else model.active_adapter
+        # PEFT saves an adapter other than "default" into a subfolder named after it, and a generic model card
+        # (README.md) into the folder it is given: the adapters directory has one card, written by run_pet
+        card = Path(output_dir if name != "default" else folder) / "README.md"
+        had_card = card.exists()
+        model.save_pretrained(str(card.parent), selected_adapters=[name])
+        if not had_card and card.exists():
+            card.unlink()
     (folder / PET_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return folder
 
@@ -451,41 +406,23 @@ def comparison_table(report):
     return "\n".join(lines)
 
 
-CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "pet_adapters.md"
-
-
-def write_model_card(output_dir, report, template=CARD_TEMPLATE):
-    """OUT/README.md from the template: base, method, share, per-language results (with `model-index`), loading."""
-    from string import Template
-
+def save_card(output_dir, report):
+    """OUT/README.md from model_cards/pet_adapters.md: base, method, shares, the Table 1 comparison, the per-language
+    results (`model-index`) and how to load a language."""
     languages = report["languages"]
-    index = [{"name": report["model"], "results": [
-        {"task": {"type": "image-text-retrieval"},
-         "dataset": {"name": report["dataset"], "type": report["dataset"], "config": language,
-                     "split": report["split"]},
-         "metrics": [{"type": "recall", "name": "r1_mean", "value": round(report["per_language"][language]["r1_mean"], 2)}]}
-        for language in languages]}]
-    base = report["model"].rsplit(" + ", 1)[0]
-    fields = {
-        "base_model": base, "method": report["setup"]["pet_method"], "languages_yaml": "\n".join(
-            f"- {language}" for language in languages),
-        "model_index": json.dumps(index, ensure_ascii=False), "dataset": report["dataset"],
-        "alignment": report["setup"]["alignment"], "alignment_loss": report["setup"]["alignment_loss"],
-        "alignment_weight": report["setup"]["alignment_weight"], "table": comparison_table(report),
-        "first": languages[0], "second": languages[-1],
-        "share": ", ".join(f"{lang} {report['shares'][lang]['percent']:.3f}%" for lang in languages)}
-    text = Template(Path(template).read_text("utf-8")).substitute(fields)
-    (Path(output_dir) / "README.md").write_text(text, encoding="utf-8")
+    setup = report["setup"]
+    return save_model_card(
+        output_dir, "pet_adapters.md", model_name=report["model"], results=report, languages=languages,
+        base_model=setup["base_model"], library_name="peft", tags=["m-clip", "peft", setup["pet_method"]],
+        method=setup["pet_method"], alignment=setup["alignment"], alignment_loss=setup["alignment_loss"],
+        alignment_weight=setup["alignment_weight"], dataset=report["dataset"], table=comparison_table(report),
+        first=languages[0], second=languages[-1],
+        share=", ".join(f"{language} {report['shares'][language]['percent']:.3f}%" for language in languages))
 
 
-def push_adapters(output_dir, repo_id, languages):
-    """Upload the language folders, the card and the results to one Hub repository; returns the commit info."""
-    import huggingface_hub
-
-    huggingface_hub.create_repo(repo_id, exist_ok=True)
-    patterns = [f"{language}/*" for language in languages] + ["README.md", "results.json", "results.md", "results.png"]
-    return huggingface_hub.upload_folder(repo_id=repo_id, folder_path=str(output_dir), allow_patterns=patterns,
-                                         commit_message=f"Per-language adapters: {', '.join(languages)}")
+def upload_patterns(languages):
+    """What `--push_to_hub` uploads: the language folders, the card and the results."""
+    return [f"{language}/*" for language in languages] + ["README.md", "results.json", "results.md", "results.png"]
 
 
 def use_language(encoder, adapters, language, translated):

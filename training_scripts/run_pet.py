@@ -7,9 +7,12 @@
 Each language gets its own adapter in OUT/{lang}/ (a language that has one is skipped unless
 --overwrite_output_dir). The image tower is frozen: image vectors are encoded once (the embedding cache, or
 --image_features). Defaults follow Appendix A: Adam, cosine schedule, 40 epochs at batch 10, learning rate 1e-4
-(1e-5 for full fine-tuning), evaluation every 5 steps on the validation split, the best state kept for the test
-split. Writes OUT/results.{json,md,png} (zero-shot base and adapters side by side, as Table 1) and OUT/README.md
-(a model card); --push_to_hub REPO uploads the language folders and the card to one repository.
+(1e-5 for full fine-tuning), evaluation every 5 steps on the validation split, the best checkpoint (validation
+r1_mean) kept for the test split. Checkpoints go to OUT/checkpoints/{lang}/ and are removed once the language is
+saved; --resume_from_checkpoint continues an interrupted language (checked against this run's identity).
+Writes OUT/results.{json,md,png} (zero-shot base and adapters side by side, as Table 1) and OUT/README.md (a model
+card); --push_to_hub REPO (or --push_to_hub --hub_model_id REPO) uploads the language folders and the card to one
+repository.
 """
 import dataclasses
 import logging
@@ -17,194 +20,202 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # run as a file: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-from transformers import AutoProcessor, HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
+from transformers import AutoProcessor, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 from training_scripts import pet
 from training_scripts.cli import run_cli
-from training_scripts.data import DatasetImages, dataset_languages, dataset_option, image_features, load_language
+from training_scripts.data import DatasetImages, image_features
 from training_scripts.embeddings import Encoder, load_model
-from training_scripts.metrics import summarize_columns
 from training_scripts.report import write_results
+from training_scripts.training import (DataArguments, RetrievalEvaluator, check_images, check_output_dir,
+                                       load_languages, parse_args, publish, results_record)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class PETArguments:
+    """The PET-only flags; the data flags are `DataArguments`, the rest `TrainingArguments`."""
+
     base: str = field(metadata={"help": "M-CLIP directory (published format or ours) or Hub id"})
     pet_method: str = field(default="lora", metadata={"help": f"one of {', '.join(pet.METHODS)}"})
-    languages: list[str] = field(default=None, metadata={"help": "default: all the dataset has"})
-    dataset: str = field(default="synthetic")
-    data_dir: str = field(default=None)
-    dataset_options: list[str] = field(default_factory=list, metadata={"help": "KEY=VALUE builder options"})
-    train_split: str = field(default="train")
-    eval_split: str = field(default="validation")
-    test_split: str = field(default="test")
-    image_features: str = field(default=None, metadata={"help": "Parquet of image_id, image_embeds"})
-    feature_cache_dir: str = field(default=None, metadata={"help": "the embedding cache of the image vectors"})
+    test_split: str = field(default="test", metadata={"help": "split of the final (Table 1) evaluation"})
     alignment: str = field(default="none", metadata={"help": f"one of {', '.join(pet.ROUTINES)}"})
     alignment_loss: str = field(default="mse", metadata={"help": "mse, cl_pivot_target or cl_pivot_image"})
     alignment_weight: float = field(default=0.1, metadata={"help": "λ of eq. 9 (the paper: 0.1-1 best)"})
-    translations: str = field(default=None, metadata={"help": "xclip-eval --translated_captions format, with "
-                                                              "caption_en (routine3) / caption_translated (routine2)"})
-    hard_prompt: str = field(default=None, metadata={"help": "a template with {} for every language, or a JSON file "
-                                                             "{language: template}"})
-    pet_rank: int = field(default=None, metadata={"help": "LoRA r / adapter bottleneck (default per method)"})
-    num_virtual_tokens: int = field(default=None, metadata={"help": "prompt: random init of N tokens (default: "
-                                                                     "initialised from the hard prompt's text)"})
-    push_to_hub_repo: str = field(default=None, metadata={"help": "upload the adapters and card to this repo "
-                                                                   "(given as --push_to_hub REPO)"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "retrain languages that have an adapter"})
+    translations: Optional[str] = field(default=None, metadata={
+        "help": "xclip-eval --translated_captions format, with caption_en (routine3) / caption_translated (routine2)"})
+    hard_prompt: Optional[str] = field(default=None, metadata={
+        "help": "a template with {} for every language, or a JSON file {language: template}"})
+    pet_rank: Optional[int] = field(default=None, metadata={"help": "LoRA r / adapter bottleneck (default per method)"})
+    num_virtual_tokens: Optional[int] = field(default=None, metadata={
+        "help": "prompt: random init of N tokens (default: initialised from the hard prompt's text)"})
 
 
-# Appendix A defaults, applied where the command line does not set them
+# Appendix A defaults, applied where the command line does not set them; the best checkpoint is chosen on the
+# validation r1_mean of the language being trained
 DEFAULTS = {"num_train_epochs": 40, "per_device_train_batch_size": 10, "lr_scheduler_type": "cosine",
             "optim": "adamw_torch", "weight_decay": 0.0, "eval_strategy": "steps", "eval_steps": 5,
-            "save_strategy": "no", "logging_steps": 5, "report_to": "none", "remove_unused_columns": False,
-            "seed": 42}
+            "save_strategy": "steps", "save_total_limit": 1, "load_best_model_at_end": True,
+            "metric_for_best_model": "avg_r1_mean", "logging_steps": 5, "report_to": "none", "seed": 42}
+BOOLEANS = {"true", "false", "yes", "no", "1", "0"}
+
+
+def flag(argv, name, default=None):
+    """The value given to --name on the command line, else `default`."""
+    for index, arg in enumerate(argv):
+        if arg == f"--{name}" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return default
 
 
 def parse(argv):
-    argv = ["--push_to_hub_repo" if a == "--push_to_hub" else a for a in argv]
+    """(PETArguments, DataArguments, TrainingArguments) with Appendix A's defaults; `--push_to_hub REPO` is
+    `--push_to_hub --hub_model_id REPO`."""
+    argv = list(argv)
+    if "--push_to_hub" in argv[:-1]:
+        index = argv.index("--push_to_hub")
+        value = argv[index + 1]
+        if not value.startswith("--") and value.lower() not in BOOLEANS:
+            argv[index:index + 2] = ["--push_to_hub", "true", "--hub_model_id", value]
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    method = argv[argv.index("--pet_method") + 1] if "--pet_method" in argv[:-1] else "lora"
-    defaults = {**DEFAULTS, "learning_rate": pet.DEFAULT_LEARNING_RATE.get(method, pet.PET_LEARNING_RATE)}
-    argv = argv + [item for key, value in defaults.items() if key not in given for item in (f"--{key}", str(value))]
-    parser = HfArgumentParser((PETArguments, TrainingArguments))
-    args, training = parser.parse_args_into_dataclasses(argv)
+    method = flag(argv, "pet_method", "lora")
+    defaults = {**DEFAULTS, "learning_rate": pet.DEFAULT_LEARNING_RATE.get(method, pet.PET_LEARNING_RATE),
+                "save_steps": flag(argv, "eval_steps", DEFAULTS["eval_steps"])}  # a checkpoint at every evaluation
+    argv += [item for key, value in defaults.items() if key not in given for item in (f"--{key}", str(value))]
+    args, data_args, training = parse_args((PETArguments, DataArguments, TrainingArguments), argv)
     pet.check_method(args.pet_method)
     pet.check_alignment(args.alignment, args.alignment_loss)
     if args.alignment in pet.ROUTINE_COLUMN and not args.translations:
         raise ValueError(f"--alignment {args.alignment} needs --translations (a file with a "
                          f"{pet.ROUTINE_COLUMN[args.alignment]} column)")
-    args.dataset_options = dict(dataset_option(o) for o in args.dataset_options)
-    return args, training
+    if data_args.eval_split is None and args.pet_method not in ("hard_prompt",):
+        raise ValueError("--eval_split none: PET keeps the best checkpoint on the validation split; name one")
+    return args, data_args, training
 
 
-class KeepBest(TrainerCallback):
-    """Keeps a copy of the trainable state at the best validation r1_mean and restores it when training ends (the
-    best checkpoint for the test split, without writing one to disk every 5 steps)."""
-
-    def __init__(self, model, metric="eval_r1_mean"):
-        self.model, self.metric, self.best, self.state = model, metric, None, None
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        value = (metrics or {}).get(self.metric)
-        if value is not None and (self.best is None or value > self.best):
-            self.best = value
-            self.state = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.state is not None:
-            params = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for name, value in self.state.items():
-                    params[name].copy_(value)
-            logger.info("restored the best validation state (%s %.2f)", self.metric, self.best)
-
-
-def split_rows(args, language, split):
-    """(image_ids, captions, positive keys) of one language's split."""
-    _, ds = load_language(args.dataset, language, split, args.data_dir, args.dataset_options)
-    image_ids = [str(i) for i in ds["image_id"]]
-    keys = [str(c) for c in ds["concept"]] if "concept" in ds.column_names else image_ids
-    return image_ids, list(ds["caption"]), keys, ds
-
-
-def image_vectors(args, splits):
-    """{image_id: row} of the L2-normalised image vectors of every image of the splits, and the tensor."""
+def image_vectors(args, data_args, datasets):
+    """{image_id: L2-normalised image vector} of every image of `datasets` (a list of {language: Dataset}), from
+    --image_features or the base's frozen image tower (encoded once: the library's feature cache)."""
     rows = {}
-    for _, _, _, ds in splits:
-        for row, image_id in enumerate(ds["image_id"]):
-            rows.setdefault(str(image_id), (ds, row))
+    for by_language in datasets:
+        for ds in by_language.values():
+            for row, image_id in enumerate(ds["image_id"]):
+                rows.setdefault(str(image_id), (ds, row))
     ids = list(rows)
-    if args.image_features:
-        embeds = image_features(args.image_features, ids)
+    if data_args.image_features:
+        embeds = image_features(data_args.image_features, ids)
     else:
-        encoder = Encoder(args.base, cache_dir=args.feature_cache_dir)
-        identity = {"dataset": args.dataset, "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
-                    "options": args.dataset_options, "image_ids": ids}
-        embeds = encoder.images(DatasetImages([rows[i] for i in ids], args.data_dir), identity)
+        encoder = Encoder(args.base, cache_dir=data_args.cache_dir)
+        identity = {"dataset": data_args.dataset, "data_dir": str(Path(data_args.data_dir).resolve())
+                    if data_args.data_dir else None, "options": data_args.options, "image_ids": ids}
+        embeds = encoder.images(DatasetImages([rows[i] for i in ids], data_args.data_dir), identity)
     return {image_id: index for index, image_id in enumerate(ids)}, embeds
 
 
-def retrieval_split(texts, keys, image_ids, position, embeds, template):
-    gallery = list(dict.fromkeys(image_ids))
-    key_of = dict(zip(image_ids, keys))
-    key_ids = {}
-    return pet.RetrievalSplit(texts, [key_ids.setdefault(k, len(key_ids)) for k in keys],
-                              embeds[[position[i] for i in gallery]],
-                              [key_ids.setdefault(key_of[i], len(key_ids)) for i in gallery], template)
+def rows_of(ds):
+    """(image_ids, captions) of a dataset, or None."""
+    return None if ds is None else ([str(i) for i in ds["image_id"]], list(ds["caption"]))
+
+
+def resume_point(resume, checkpoints):
+    """The checkpoint a language resumes from (None: it starts afresh). --resume_from_checkpoint true: the language's
+    last checkpoint; a path OUT/checkpoints/{lang}/checkpoint-N: that one for its language, the last one for others."""
+    if not resume:
+        return None
+    if str(resume).lower() not in BOOLEANS and Path(resume).parent.resolve() == checkpoints.resolve():
+        return str(resume)
+    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
 
 
 def _main(argv):
-    args, training = parse(argv)
+    args, data_args, training = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = Path(training.output_dir)
-    languages = args.languages or dataset_languages(args.dataset, args.data_dir, args.dataset_options)
+    check_output_dir(out, data_args.overwrite_output_dir)  # OUT holds adapters, never a model
+    columns = ["image_id", "caption"]
+    train = load_languages(data_args, data_args.train_split, columns, max_samples=data_args.max_train_samples)
+    languages = list(train)
+    evaluation = (load_languages(data_args, data_args.eval_split, columns, "validation",
+                                 data_args.max_eval_samples) if data_args.eval_split else {})
+    test = load_languages(data_args, args.test_split, columns, "the test evaluation")
+    check_images(test, data_args, "the image vectors")
+    pivot = {}  # English, on the same images: routines 1 and 3 pair each caption with it
+    if args.alignment in ("routine1", "routine3"):
+        english = dataclasses.replace(data_args, languages=[pet.PIVOT])
+        pivot = {split: load_languages(english, split, columns, f"--alignment {args.alignment}")[pet.PIVOT]
+                 for split in {data_args.train_split, data_args.eval_split, args.test_split} - {None}}
     templates = pet.hard_prompts(args.hard_prompt, languages)
     routine3 = args.alignment == "routine3"
     column = pet.ROUTINE_COLUMN.get(args.alignment)
     translations = pet.read_translation_column(args.translations, column) if column else None
-    tokenizer = AutoProcessor.from_pretrained(args.base, trust_remote_code=True)
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    processor = AutoProcessor.from_pretrained(args.base, trust_remote_code=True)
+    tokenizer = getattr(processor, "tokenizer", processor)
 
-    pivot = {split: split_rows(args, pet.PIVOT, split) for split in (args.train_split, args.eval_split, args.test_split)}
-    position, embeds = image_vectors(args, list(pivot.values()))
-    zero_shot, results, shares = {}, {}, {}
+    position, embeds = image_vectors(args, data_args, [train, evaluation, test, pivot])
+    vectors = {image_id: embeds[index] for image_id, index in position.items()}
     base_model = load_model(args.base)
+    zero_shot, results, shares = {}, {}, {}
     for language in languages:
         folder = out / language
-        if (folder / pet.PET_FILE).exists() and not args.overwrite_output_dir:
+        if (folder / pet.PET_FILE).exists() and not data_args.overwrite_output_dir:
             meta = pet.read_pet_file(out, language)
             logger.info("%s: adapter exists in %s, skipped (--overwrite_output_dir to retrain)", language, folder)
             zero_shot[language], results[language], shares[language] = meta["zero_shot"], meta["test"], meta["share"]
             continue
         set_seed(training.seed)
-        splits = {split: split_rows(args, language, split) for split in pivot}
-        image_ids, captions, keys, _ = splits[args.test_split]
-        zero_shot[language] = retrieval_split(captions, keys, image_ids, position, embeds, "{}").metrics(
-            base_model, tokenizer)
 
-        model = pet.add_pet(load_model(args.base), args.pet_method, language, rank=args.pet_rank,
+        def translated(split, ds):
+            """Routine 3 reads the target captions translated into English, in validation and test too."""
+            if not routine3 or language == pet.PIVOT:
+                return ds
+            texts, _ = pet.pair_texts(language, rows_of(ds), rows_of(pivot.get(split)), args.alignment, translations,
+                                      args.translations)
+            return ds.remove_columns("caption").add_column("caption", texts)
+
+        test_ds = {language: translated(args.test_split, test[language])}
+        zero_shot[language] = RetrievalEvaluator({language: test[language]}, processor, lambda m: vectors)(
+            base_model)[language]
+
+        model = pet.add_pet(load_model(args.base), args.pet_method, "default", rank=args.pet_rank,
                             num_virtual_tokens=args.num_virtual_tokens,
                             prompt_init_text=None if args.num_virtual_tokens else "a photo of",
                             tokenizer_path=args.base)
         share = pet.share_of(model, args.pet_method)
-
-        def texts_of(split):
-            ids, caps, split_keys, _ = splits[split]
-            texts, pivots = pet.pair_texts(language, (ids, caps), pivot[split][:2], args.alignment, translations,
-                                           args.translations)
-            return ids, texts, pivots, split_keys
-
-        train_ids, train_texts, train_pivots, _ = texts_of(args.train_split)
-        rows = [{"text": t, "pivot": None if train_pivots is None else train_pivots[i], "image": position[train_ids[i]]}
-                for i, t in enumerate(train_texts)]
-        # routine 3 replaces the target captions by their English translations, in validation and test too
-        eval_ids, eval_texts, _, eval_keys = texts_of(args.eval_split) if routine3 else (
-            splits[args.eval_split][0], splits[args.eval_split][1], None, splits[args.eval_split][2])
-        test_ids, test_texts, _, test_keys = texts_of(args.test_split) if routine3 else (
-            image_ids, captions, None, keys)
         template = templates[language]
-        validation = retrieval_split(eval_texts, eval_keys, eval_ids, position, embeds, template)
         if args.pet_method != "hard_prompt":
+            texts, pivots = pet.pair_texts(language, rows_of(train[language]), rows_of(pivot.get(data_args.train_split)),
+                                           args.alignment, translations, args.translations)
+            image_ids = rows_of(train[language])[0]
+            rows = [{"text": text, "pivot": None if pivots is None else pivots[i], "image": position[image_ids[i]]}
+                    for i, text in enumerate(texts)]
+            checkpoints = out / "checkpoints" / language
+            resume = resume_point(training.resume_from_checkpoint, checkpoints)
+            if checkpoints.is_dir() and any(checkpoints.iterdir()) and not resume:
+                if not data_args.overwrite_output_dir:
+                    raise FileExistsError(f"{checkpoints} holds checkpoints of an unfinished {language} run: pass "
+                                          "--resume_from_checkpoint to continue it, or --overwrite_output_dir")
+                shutil.rmtree(checkpoints)
             trainer = pet.PETTrainer(
-                model=model, args=dataclasses.replace(training, output_dir=str(out / "checkpoints" / language)),
-                train_dataset=rows, eval_dataset=validation.texts, data_collator=pet.PETCollator(tokenizer, embeds, template),
-                alignment_loss=args.alignment_loss, alignment_weight=args.alignment_weight,
-                validation=validation, eval_tokenizer=tokenizer)
-            keep = KeepBest(model)
-            trainer.add_callback(keep)
-            trainer.train()
-            shutil.rmtree(out / "checkpoints" / language, ignore_errors=True)
-        results[language] = retrieval_split(test_texts, test_keys, test_ids, position, embeds, template).metrics(
-            model, tokenizer)
+                model=model, args=dataclasses.replace(training, output_dir=str(checkpoints), push_to_hub=False,
+                                                      resume_from_checkpoint=None),
+                train_dataset=rows, data_collator=pet.PETCollator(tokenizer, embeds, template),
+                evaluator=RetrievalEvaluator({language: translated(data_args.eval_split, evaluation[language])},
+                                             processor, lambda m: vectors, template),
+                run_info={"stage": "pet", "model": args.base, "language": language, "pet_method": args.pet_method,
+                          "alignment": args.alignment, "alignment_loss": args.alignment_loss,
+                          "alignment_weight": args.alignment_weight, "hard_prompt": template},
+                alignment_loss=args.alignment_loss, alignment_weight=args.alignment_weight)
+            trainer.train(resume_from_checkpoint=resume)  # ends with the best validation checkpoint loaded
+        results[language] = RetrievalEvaluator(test_ds, processor, lambda m: vectors, template)(model)[language]
         shares[language] = share
         meta = {"method": args.pet_method, "language": language, "hard_prompt": template, "base_model": args.base,
                 "base": pet.base_identity(base_model),
@@ -213,26 +224,27 @@ def _main(argv):
                 "translated_test": routine3 and language != pet.PIVOT,
                 "share": share, "zero_shot": zero_shot[language], "test": results[language]}
         pet.save_language(model, out, language, meta)
+        shutil.rmtree(out / "checkpoints" / language, ignore_errors=True)
         logger.info("%s: r1_mean zero-shot %.2f -> %s %.2f", language, zero_shot[language]["r1_mean"],
                     args.pet_method, results[language]["r1_mean"])
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir()):
+        (out / "checkpoints").rmdir()
 
-    report = {"task": "retrieval", "model": f"{args.base} + {args.pet_method} adapters", "dataset": args.dataset,
-              "split": args.test_split, "languages": languages,
-              "setup": {"pet_method": args.pet_method, "alignment": args.alignment,
-                        "alignment_loss": args.alignment_loss, "alignment_weight": args.alignment_weight,
-                        "translations": args.translations, "image_features": args.image_features},
-              "sizes": {language: {"texts": len(split_rows(args, language, args.test_split)[1])}
-                        for language in languages},
-              "per_language": results, "summary": summarize_columns(results),
-              "zero_shot": {"per_language": zero_shot, "summary": summarize_columns(zero_shot)},
-              "shares": shares, "total_share": pet.total_share(shares, base_model)}
+    setup = {"base_model": args.base, "pet_method": args.pet_method, "alignment": args.alignment,
+             "alignment_loss": args.alignment_loss, "alignment_weight": args.alignment_weight,
+             "translations": args.translations, "image_features": data_args.image_features}
+    report = results_record(results, f"{args.base} + {args.pet_method} adapters", data_args.dataset, args.test_split,
+                            setup, {language: {"texts": len(test[language])} for language in languages})
+    report.update(zero_shot=results_record(zero_shot, args.base, data_args.dataset, args.test_split),
+                  shares=shares, total_share=pet.total_share(shares, base_model))
     write_results(out, report)
     with (out / "results.md").open("a", encoding="utf-8") as md:
         md.write("\n" + pet.comparison_table(report) + "\n")
-    pet.write_model_card(out, report)
-    if args.push_to_hub_repo:
-        pet.push_adapters(out, args.push_to_hub_repo, languages)
+    pet.save_card(out, report)
+    if training.push_to_hub:
+        publish(out, training.hub_model_id or out.name, token=training.hub_token, private=training.hub_private_repo,
+                commit_message=f"Per-language {args.pet_method} adapters: {', '.join(languages)}",
+                allow_patterns=pet.upload_patterns(languages))
     print(pet.comparison_table(report))
 
 
