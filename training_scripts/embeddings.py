@@ -50,7 +50,8 @@ def text_features(model, input_ids, attention_mask):
 
     if isinstance(model, PeftModel) and model.peft_config[model.active_adapter].is_prompt_learning:
         dummy = input_ids.new_zeros((1, model.get_base_model().config.numDims), dtype=torch.float32)
-        return model(input_ids=input_ids, attention_mask=attention_mask, image_embeds=dummy).text_model_output.pooler_output
+        output = model(input_ids=input_ids, attention_mask=attention_mask, image_embeds=dummy)
+        return output.text_model_output.pooler_output
     return model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 

@@ -192,8 +192,9 @@ def _main(argv):
         share = pet.share_of(model, args.pet_method)
         template = templates[language]
         if args.pet_method != "hard_prompt":
-            texts, pivots = pet.pair_texts(language, rows_of(train[language]), rows_of(pivot.get(data_args.train_split)),
-                                           args.alignment, translations, args.translations)
+            texts, pivots = pet.pair_texts(language, rows_of(train[language]),
+                                           rows_of(pivot.get(data_args.train_split)), args.alignment, translations,
+                                           args.translations)
             image_ids = rows_of(train[language])[0]
             rows = [{"text": text, "pivot": None if pivots is None else pivots[i], "image": position[image_ids[i]]}
                     for i, text in enumerate(texts)]
