@@ -24,6 +24,7 @@ from datasets_builders.export import export
 from modeling_xclip import MCLIPModel
 from modeling_xclip.tiny import EMBED_DIM, MAX_LENGTH, build_tiny_model
 from training_scripts import run_eval
+from training_scripts.cli import load_pretrained
 from training_scripts.publish import publishable_name, save_adapter
 from training_scripts.embeddings import Encoder
 
@@ -265,6 +266,17 @@ def test_missing_model_or_dataset_dir_is_named_as_a_path(tiny_mclip, tmp_path, c
     one_line_error(capsys, ["--model", tiny_mclip, "--dataset", "synthetic", "--dataset_options",
                             f"images_dir={tmp_path / 'no-images'}", "--output_dir", tmp_path / "out"],
                    f"images_dir {tmp_path / 'no-images'} not found")
+
+
+def test_name_neither_here_nor_on_the_hub_names_both(tmp_path, monkeypatch):
+    def offline(name, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as error:
+        load_pretrained(offline, "tiny-mclp")
+    assert str(error.value) == (f"model 'tiny-mclp': no directory {tmp_path / 'tiny-mclp'} here, and not loadable from "
+                                "the Hub (We couldn't connect to 'https://huggingface.co' to load the files.)")
 
 
 def test_corrupt_safetensors_is_named(tiny_mclip, tmp_path, capsys):

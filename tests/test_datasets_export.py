@@ -75,4 +75,4 @@ def test_command_line(tmp_path):
     assert ds[0]["caption"] == "一只白色的猫坐在窗台上" and len(ds) == 4
     result = subprocess.run([sys.executable, "-m", "datasets_builders", "synthetic", "--output_dir", str(out)],
                             capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert result.returncode == 1 and "is not empty" in result.stderr
+    assert result.returncode == 2 and "is not empty" in result.stderr and "Traceback" not in result.stderr

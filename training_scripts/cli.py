@@ -23,7 +23,8 @@ from datasets.exceptions import DatasetGenerationError
 from safetensors import SafetensorError, safe_open
 
 # exceptions that report a user's input; anything else is a bug and keeps its traceback
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+               KeyError)
 
 
 class UsageError(ValueError):

@@ -9,7 +9,8 @@ Writes results.json, results.md and results.png in --output_dir (refusing to ove
 and are written into results.md.
 
 File formats:
-  --image_features      Parquet with columns image_id and image_embeds (a list of floats per image).
+  --image_features      Parquet with columns image_id and image_embeds (a list of floats per image); for
+                        classification, image_id is the image's path relative to the dataset folder.
   --translated_captions Parquet (.parquet), JSON lines (.jsonl) or tab-separated (.tsv, with a header) with
                         columns language, image_id, caption_index, caption_en; caption_index is the 0-based
                         position of the caption among that image's captions of that language, in dataset
