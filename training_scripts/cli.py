@@ -77,7 +77,7 @@ def run_cli(main, argv=None):
         sys.exit(2)
 
 
-def _looks_local(name_or_path):
+def looks_local(name_or_path):
     """Whether a name can only be a local path: a Hub id is `name` or `owner/name`, never absolute, never `.`/`..`/`~`
     first, never with more than one separator."""
     text = os.fspath(name_or_path)
@@ -92,7 +92,7 @@ def check_local_path(name_or_path, what="model"):
         return path
     if os.path.exists(path):
         raise NotADirectoryError(f"{what} {os.path.abspath(path)} is a file, not a directory")
-    if _looks_local(name_or_path):
+    if looks_local(name_or_path):
         raise FileNotFoundError(f"{what} directory {os.path.abspath(path)} not found")
     return os.fspath(name_or_path)
 

@@ -7,13 +7,13 @@ base was loaded from. `save_adapter` records a publishable name instead.
 """
 import os
 
-from training_scripts.cli import _looks_local
+from training_scripts.cli import looks_local
 
 
 def publishable_name(name_or_path):
     """What a saved artefact may record as its base model: a Hub id as is, a local directory by its last part only."""
     text = os.fspath(name_or_path)
-    if os.path.isdir(os.path.expanduser(text)) or _looks_local(text):
+    if os.path.isdir(os.path.expanduser(text)) or looks_local(text):
         return os.path.basename(os.path.normpath(os.path.expanduser(text)))
     return text
 
