@@ -64,8 +64,12 @@ def cached_features(cache_dir, key, compute):
     text = json.dumps(key, sort_keys=True, ensure_ascii=False)
     path = cache_dir / f"{hashlib.sha256(text.encode()).hexdigest()}.safetensors"
     if path.exists():
-        logger.info("loaded from cache %s", path)
-        return load_file(path)["embeds"]
+        try:
+            embeds = load_file(path)["embeds"]
+            logger.info("loaded from cache %s", path)
+            return embeds
+        except Exception as error:  # a truncated or foreign file: computed again and replaced
+            logger.warning("cache file %s is unreadable (%s): computing it again", path, error)
     embeds = compute()
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
