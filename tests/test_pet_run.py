@@ -117,6 +117,10 @@ def test_lora_routine1_mse_lifts_the_weakest_languages(world, monkeypatch):
                        ("adapter_config.json", "adapter_model.safetensors", pet.PET_FILE)]
                       + ["README.md", "results.json", "results.md", "results.png"])
     assert uploads == [("user/mclip-lora", expected)]
+    # nothing uploaded names a path of this machine (the base, the features and the output are local dirs)
+    local = str(world["root"].resolve())
+    leaks = [name for name in expected if local in (out / name).read_bytes().decode("utf-8", "replace")]
+    assert not leaks, leaks
 
     # a second run skips languages that have results
     before = (out / "de" / "adapter_model.safetensors").stat().st_mtime_ns

@@ -22,6 +22,7 @@ from modeling_xclip.losses import ALIGNMENT_LOSSES, pet_alignment_loss
 from modeling_xclip.pet_xclip import ADAPTER_HOST, COMPACTER_HOST, PHM_DIM
 from training_scripts.data import read_table
 from training_scripts.embeddings import text_features
+from training_scripts.publish import save_adapter
 from training_scripts.training import XCLIPTrainer, save_model_card
 
 logger = logging.getLogger(__name__)
@@ -343,7 +344,8 @@ def save_language(model, output_dir, language, meta):
         # (README.md) into the folder it is given: the adapters directory has one card, written by run_pet
         card = Path(output_dir if name != "default" else folder) / "README.md"
         had_card = card.exists()
-        model.save_pretrained(str(card.parent), selected_adapters=[name])
+        save_adapter(model, card.parent, meta.get("base_model") or model.get_base_model().name_or_path,
+                     selected_adapters=[name])
         if not had_card and card.exists():
             card.unlink()
     (folder / PET_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -32,6 +32,7 @@ from training_scripts import pet
 from training_scripts.cli import run_cli
 from training_scripts.data import DatasetImages, image_features
 from training_scripts.embeddings import Encoder, load_model
+from training_scripts.publish import publishable_name
 from training_scripts.report import write_results
 from training_scripts.training import (DataArguments, RetrievalEvaluator, check_images, check_output_dir,
                                        load_languages, parse_args, publish, results_record)
@@ -163,6 +164,7 @@ def _main(argv):
     position, embeds = image_vectors(args, data_args, [train, evaluation, test, pivot])
     vectors = {image_id: embeds[index] for image_id, index in position.items()}
     base_model = load_model(args.base)
+    base_name = publishable_name(args.base)  # what is saved names no path of this machine
     zero_shot, results, shares = {}, {}, {}
     for language in languages:
         folder = out / language
@@ -218,7 +220,7 @@ def _main(argv):
             trainer.train(resume_from_checkpoint=resume)  # ends with the best validation checkpoint loaded
         results[language] = RetrievalEvaluator(test_ds, processor, lambda m: vectors, template)(model)[language]
         shares[language] = share
-        meta = {"method": args.pet_method, "language": language, "hard_prompt": template, "base_model": args.base,
+        meta = {"method": args.pet_method, "language": language, "hard_prompt": template, "base_model": base_name,
                 "base": pet.base_identity(base_model),
                 "alignment": {"routine": args.alignment if language != pet.PIVOT else "none",
                               "loss": args.alignment_loss, "weight": args.alignment_weight},
@@ -231,12 +233,13 @@ def _main(argv):
     if (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir()):
         (out / "checkpoints").rmdir()
 
-    setup = {"base_model": args.base, "pet_method": args.pet_method, "alignment": args.alignment,
+    setup = {"base_model": base_name, "pet_method": args.pet_method, "alignment": args.alignment,
              "alignment_loss": args.alignment_loss, "alignment_weight": args.alignment_weight,
-             "translations": args.translations, "image_features": data_args.image_features}
-    report = results_record(results, f"{args.base} + {args.pet_method} adapters", data_args.dataset, args.test_split,
+             "translations": args.translations and publishable_name(args.translations),
+             "image_features": data_args.image_features and publishable_name(data_args.image_features)}
+    report = results_record(results, f"{base_name} + {args.pet_method} adapters", data_args.dataset, args.test_split,
                             setup, {language: {"texts": len(test[language])} for language in languages})
-    report.update(zero_shot=results_record(zero_shot, args.base, data_args.dataset, args.test_split),
+    report.update(zero_shot=results_record(zero_shot, base_name, data_args.dataset, args.test_split),
                   shares=shares, total_share=pet.total_share(shares, base_model))
     write_results(out, report)
     with (out / "results.md").open("a", encoding="utf-8") as md:

@@ -320,7 +320,6 @@ def finish(trainer, processor, output_dir, card, results=None, push_to_hub=False
     if not trainer.is_world_process_zero():
         return
     processor.save_pretrained(output_dir)
-    (Path(output_dir) / RUN_FILE).write_text(json.dumps(trainer.run_info, indent=2, sort_keys=True) + "\n")
     if results is not None:
         write_results(output_dir, results)
     save_model_card(output_dir, results=results, **card)
