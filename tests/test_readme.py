@@ -44,3 +44,14 @@ def test_ci_runs_the_readme_test_command():
     test_command = bash_blocks()[2].strip()
     assert test_command.startswith("python -m pytest")
     assert test_command in (REPO / ".ci" / "run").read_text().splitlines()
+
+
+def test_bad_input_table_rows_each_name_an_existing_test():
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("## Bad input and what you get")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith(("| bad input", "| ---"))]
+    tests = "".join(path.read_text() for path in (REPO / "tests").glob("test_*.py"))
+    assert len(rows) >= 20
+    for row in rows:
+        name = row.rstrip(" |").rsplit("| ", 1)[1].strip("` ")
+        assert name.startswith("test_") and f"def {name}(" in tests, row
