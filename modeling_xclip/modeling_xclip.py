@@ -76,6 +76,18 @@ def _clip_sub_config(name_or_path, key):
     return sub
 
 
+class _CLIPVisionHalf(CLIPVisionModelWithProjection):
+    """CLIP's vision tower read from a full CLIP checkpoint: its text half is expected there, not reported."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale$"]
+
+
+class _CLIPTextHalf(CLIPTextModelWithProjection):
+    """CLIP's text tower read from a full CLIP checkpoint: its vision half is expected there, not reported."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^visual_projection\.", r"^logit_scale$"]
+
+
 class XCLIPPreTrainedModel(PreTrainedModel):
     """Shared machinery of the three families: image tower, similarity logits, loss, freezing, assembling."""
 
@@ -132,10 +144,10 @@ class XCLIPPreTrainedModel(PreTrainedModel):
         getattr(model, model.text_tower_name).load_state_dict(text_tower.state_dict())
         if vision:
             model.vision_model.load_state_dict(
-                CLIPVisionModelWithProjection.from_pretrained(vision, config=config.vision_config).state_dict())
+                _CLIPVisionHalf.from_pretrained(vision, config=config.vision_config).state_dict())
         if clip_text:
             model.clip_text_model.load_state_dict(
-                CLIPTextModelWithProjection.from_pretrained(clip_text, config=config.clip_text_config).state_dict())
+                _CLIPTextHalf.from_pretrained(clip_text, config=config.clip_text_config).state_dict())
             model._init_from_clip_text()
         return model
 

@@ -9,7 +9,7 @@ from transformers import AutoModel, TrainingArguments
 
 from modeling_xclip.tiny import build_tiny_model
 from training_scripts import embedded, run_contrastive
-from training_scripts.contrastive import (ContrastiveCollator, ContrastiveTrainer, EmbeddingTable, PixelTable, Rows,
+from training_scripts.contrastive import (ContrastiveCollator, ContrastiveTrainer, EmbeddingTable, PixelTable,
                                           caption_rows, frozen_image_embeddings, images_of)
 from training_scripts.data import DatasetImages
 from training_scripts.embeddings import Encoder, load_model

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel, TrainingArguments
 from modeling_xclip import XAltCLIPModel, XMCLIPModel
 from modeling_xclip.tiny import tiny_image_processor, word_level_tokenizer
 from processing import XCLIPProcessor
-from training_scripts.contrastive import (ContrastiveCollator, ContrastiveTrainer, EmbeddingTable, PixelTable, Rows,
+from training_scripts.contrastive import (ContrastiveCollator, ContrastiveTrainer, EmbeddingTable, PixelTable,
                                           TriKDTrainer, caption_rows, frozen_image_embeddings, images_of,
                                           trikd_collator)
 from training_scripts.data import DatasetImages

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from transformers import HfArgumentParser
 

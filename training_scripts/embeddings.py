@@ -79,7 +79,7 @@ def cached_features(cache_dir, key, compute):
     if path.exists():
         try:
             embeds = load_file(path)["embeds"]
-            logger.info("loaded from cache %s", path)
+            logger.debug("loaded from cache %s", path)
             return embeds
         except Exception as error:  # a truncated or foreign file: computed again and replaced
             logger.warning("cache file %s is unreadable (%s): computing it again", path, error)
