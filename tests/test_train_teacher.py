@@ -211,3 +211,76 @@ def training_rows():
 
     return tl.build_pairs({language: load("multi30k", language, split="train", data_dir=str(MULTI30K),
                                           variant="parallel") for language in ("de", "fr")})
+
+
+@pytest.fixture
+def no_training_step(monkeypatch):
+    """Fails the test if a training step runs: bad input must be refused before."""
+    def step(*args, **kwargs):
+        raise AssertionError("a training step ran")
+
+    monkeypatch.setattr(tl.TeacherLearningTrainer, "training_step", step)
+
+
+def test_a_teacher_of_another_width_is_refused_before_training(towers, tmp_path, no_training_step):
+    build_tiny_model("m-clip", save_dir=tmp_path / "mclip16", vision=False)  # regresses 16-d vectors
+    argv = args(towers, tmp_path / "out")
+    argv[argv.index("--student") + 1] = str(tmp_path / "mclip16")
+    with pytest.raises(ValueError, match=r"teacher's vectors are 32-d .* regresses 16-d"):
+        run_teacher_learning._main(argv)
+
+
+def test_a_dataset_without_the_english_side_is_refused(towers, tmp_path, no_training_step):
+    argv = args(towers, tmp_path / "out")
+    argv[argv.index("variant=parallel")] = "variant=task1"
+    with pytest.raises(ValueError, match="lacks column.*source"):
+        run_teacher_learning._main(argv)
+
+
+def test_a_language_the_dataset_lacks_is_refused(towers, tmp_path, no_training_step):
+    argv = args(towers, tmp_path / "out")
+    argv[argv.index("fr")] = "ja"
+    with pytest.raises(ValueError, match="ja"):
+        run_teacher_learning._main(argv)
+    # the command line reports it in one line, exit status 2
+    with pytest.raises(SystemExit) as exit_info:
+        run_teacher_learning.main(argv)
+    assert exit_info.value.code == 2
+
+
+def test_a_saved_model_is_not_overwritten_and_a_foreign_checkpoint_is_refused(towers, tmp_path, no_training_step):
+    build_tiny_model("m-clip", save_dir=tmp_path / "out", vision=False)
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite_output_dir"):
+        run_teacher_learning._main(args(towers, tmp_path / "out"))
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+    # a checkpoint of another stage (here: written by a contrastive run) cannot be resumed by teacher learning
+    checkpoint = tmp_path / "other" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "xclip_run.json").write_text(json.dumps({"stage": "contrastive", "model_family": "altclip"}))
+    with pytest.raises(ValueError, match="another run"):
+        run_teacher_learning._main(args(towers, tmp_path / "new", "m-clip", "mean",
+                                        "--resume_from_checkpoint", checkpoint))
+
+
+def test_resume_from_a_checkpoint_ends_with_the_same_weights(towers, tmp_path):
+    common = ["--save_strategy", "steps", "--save_steps", "3", "--seed", "3"]
+    run_teacher_learning._main(args(towers, tmp_path / "full", "m-clip", "mean", *common))
+    assert (tmp_path / "full" / "checkpoint-3").is_dir()
+    run_teacher_learning._main(args(towers, tmp_path / "resumed", "m-clip", "mean", *common,
+                                    "--resume_from_checkpoint", tmp_path / "full" / "checkpoint-3"))
+    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.allclose(full[name], resumed[name], atol=1e-6), name
+
+
+def test_runs_as_a_file_under_accelerate_launch(towers, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+               str(REPO / "training_scripts" / "run_teacher_learning.py"),
+               *args(towers, tmp_path / "out", "m-clip", "mean", "--num_train_epochs", "1")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True) is not None
+    assert "xclip-train-teacher = training_scripts.run_teacher_learning:main" in (REPO / "setup.cfg").read_text()
