@@ -84,9 +84,11 @@ def test_least_squares_head_is_the_normal_equations_solution():
     solution = torch.linalg.solve(design.T @ design, design.T @ y.double())  # (X'X)^-1 X'y, written independently
     assert torch.allclose(weight.double(), solution[:-1].T, atol=1e-5)
     assert torch.allclose(bias.double(), solution[-1], atol=1e-5)
-    # ridge: (X'X + λ n D) w = X'y with D the identity on the weights and 0 on the bias
+    # ridge: (X'X + λ s D) w = X'y, D the identity on the weights and 0 on the bias, s the features' centred sum of
+    # squares per dimension
     ridge = 0.5
-    penalty = torch.diag(torch.tensor([1.0] * 6 + [0.0], dtype=torch.float64)) * ridge * 200
+    scale = ((x - x.mean(0)) ** 2).sum().double() / 6
+    penalty = torch.diag(torch.tensor([1.0] * 6 + [0.0], dtype=torch.float64)) * ridge * scale
     solution = torch.linalg.solve(design.T @ design + penalty, design.T @ y.double())
     weight, bias = tl.least_squares_head(x, y, ridge=ridge)
     assert torch.allclose(weight.double(), solution[:-1].T, atol=1e-5)

@@ -68,7 +68,11 @@ class ModelArguments:
         "help": "least_squares: the student's head (M-CLIP's linear map, AltCLIP's text_transformation) starts from "
                 "the least-squares fit of the frozen student's features to the teacher's vectors; random; keep (a "
                 "saved model's head)", "choices": ("least_squares", "random", "keep")})
-    head_init_ridge: float = field(default=0.0, metadata={"help": "ridge penalty of the least-squares fit"})
+    head_init_ridge: float = field(default=0.1, metadata={
+        "help": "ridge penalty of the least-squares fit, relative to the features' scale (0: the plain fit, whose "
+                "weights explode on the nearly collinear features of many encoders)"})
+    dropout: Optional[float] = field(default=None, metadata={
+        "help": "dropout of the student's encoder during training (default: its config's)"})
     freeze_embeddings: bool = field(default=False, metadata={
         "help": "keep the student's token embeddings fixed (seed 002 §3.3 does for its encoder; saves the optimizer "
                 "state of XLM-R's 250k-token vocabulary)"})
@@ -200,6 +204,8 @@ def _main(argv):
     if model_args.head_init == "random" and not training_args.resume_from_checkpoint:
         model._init_weights(tl.student_head(model))
 
+    if model_args.dropout is not None:
+        tl.set_dropout(model, model_args.dropout)
     model.freeze(tl.STAGE[model_args.model_family])
     if model_args.freeze_embeddings:
         getattr(model, model.text_tower_name).get_input_embeddings().requires_grad_(False)
@@ -256,6 +262,7 @@ def model_card(model_args, data_args, training_args, trainer, rows, english, tra
         "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
         "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "seed")}
     hyperparameters.update(teacher_pooling=model_args.teacher_pooling, head_init=model_args.head_init,
+                           head_init_ridge=model_args.head_init_ridge, dropout=model_args.dropout,
                            freeze_embeddings=model_args.freeze_embeddings, max_length=model_args.max_length)
     base_models = {"student": model_args.student, "teacher": model_args.teacher}
     if model_args.clip:

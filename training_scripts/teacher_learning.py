@@ -173,14 +173,21 @@ def student_features(model, input_ids, attention_mask):
 
 
 def least_squares_head(features, targets, ridge=0.0):
-    """(weight (d_out, d_in), bias (d_out,)) minimising ||features @ weight.T + bias - targets||^2
-    + ridge * n * ||weight||^2: the closed-form fit of the head on frozen student features (float64)."""
+    """(weight (d_out, d_in), bias (d_out,)) minimising ||features @ weight.T + bias - targets||^2 + ridge * s *
+    ||weight||^2, the closed-form fit of the head on frozen student features (in float64).
+
+    `ridge` is relative to the features' scale s, their centred sum of squares per dimension (trace(Xc'Xc) / d), so
+    one value suits any encoder; the bias is not penalised. A small ridge keeps the fit sane when the features are
+    nearly collinear (a random or small encoder), where the plain fit's huge weights blow up at the first step.
+    """
     n, d = features.shape
     x = torch.cat([features.double(), torch.ones(n, 1, dtype=torch.float64)], dim=1)
     y = targets.double()
-    if ridge > 0:  # ridge as extra rows: sqrt(ridge n) I on the weights, none on the bias
-        x = torch.cat([x, torch.cat([torch.eye(d, dtype=torch.float64) * (ridge * n) ** 0.5,
-                                     torch.zeros(d, 1, dtype=torch.float64)], dim=1)])
+    if ridge > 0:  # the penalty as d extra rows sqrt(ridge s) I on the weights, 0 on the bias, with targets 0
+        centred = features.double() - features.double().mean(0)
+        scale = centred.pow(2).sum() / d
+        penalty = torch.cat([torch.eye(d, dtype=torch.float64), torch.zeros(d, 1, dtype=torch.float64)], dim=1)
+        x = torch.cat([x, penalty * (ridge * scale) ** 0.5])
         y = torch.cat([y, torch.zeros(d, y.shape[1], dtype=torch.float64)])
     solution = torch.linalg.lstsq(x, y, driver="gelsd").solution
     return solution[:-1].T.float().contiguous(), solution[-1].float().contiguous()
@@ -194,6 +201,17 @@ def init_head(model, features, targets, ridge=0.0):
     head.weight.copy_(weight)
     head.bias.copy_(bias)
     return F.mse_loss(features @ weight.T + bias, targets).item()
+
+
+def set_dropout(model, p):
+    """Set the dropout of the student's text encoder (modules and config, so that the saved config says it)."""
+    encoder = getattr(model, model.text_tower_name)
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+        if hasattr(model.config.text_config, name):
+            setattr(model.config.text_config, name, p)
 
 
 # --- the data -----------------------------------------------------------------------------------------------------
