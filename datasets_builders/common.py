@@ -3,6 +3,7 @@ reading the source files, images and precomputed image features."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import inspect
 import logging
@@ -14,6 +15,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import datasets
 import PIL.Image
+import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets.fingerprint import Hasher
 
@@ -41,8 +43,8 @@ class SourceConfig(CaptionConfig):
     """Options of builders that read a published release (`data_dir`, or a download when None).
 
     images_dir: the images (flat, or in the COCO `train2014/` and `val2014/` folders); when set,
-        rows get `image_path` and an `image` column.
-    on_bad_image: "error" (default) or "skip": what a missing or unreadable image does.
+        rows get `image_path` (relative to images_dir) and an `image` column.
+    on_bad_image: "error" (default) or "skip": what a missing, unreadable or truncated image does.
     """
 
     images_dir: Optional[str] = None
@@ -100,14 +102,16 @@ class CaptionBuilder(datasets.GeneratorBasedBuilder):
         return []
 
     def _fingerprint(self, language: str, kwargs: dict) -> str:
-        """Cache key beyond the config id: this package's code and the size and time of the local inputs,
-        so that editing the code or replacing a source file never serves a stale cache."""
+        """Cache key beyond the config id: this package's code, the size and time of the local inputs, and the
+        names, sizes and times of the files under images_dir, so that editing the code or replacing a source file or
+        an image never serves a stale cache."""
         code = [inspect.getsource(sys.modules[c.__module__]) for c in type(self).__mro__ if c.__module__.startswith(__package__)]
         data_dir = kwargs.get("data_dir")
         inputs = [os.path.join(data_dir, p) for p in self.source_files(language, kwargs.get("variant"))] if data_dir else []
         inputs += [kwargs["image_features"]] if kwargs.get("image_features") else []
         stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in inputs if os.path.isfile(p)]
-        return Hasher.hash([code, stats])
+        images = file_stats(kwargs["images_dir"]) if kwargs.get("images_dir") else []
+        return Hasher.hash([code, stats, images])
 
     @property
     def variant(self) -> str:
@@ -199,8 +203,8 @@ class SourceBuilder(CaptionBuilder):
         return self._read_splits(self._fetch(dl_manager))
 
     def _examples(self, split: str, rows: list[dict]) -> Iterator[dict]:
-        """The rows with `image_path` (and `image`); a bad image raises, or with on_bad_image="skip"
-        leaves its rows out with a warning."""
+        """The rows with `image_path` (relative to images_dir, so that nothing exported names a local folder) and
+        `image`; a bad image raises, or with on_bad_image="skip" leaves its rows out with a warning."""
         problems: dict[str, Optional[str]] = {}  # per image path, checked once
         for row in rows:
             if self.config.images_dir is None:
@@ -214,7 +218,21 @@ class SourceBuilder(CaptionBuilder):
                 if problems[path]:
                     logger.warning("Skipping the rows of image %s: %s", row["image_id"], problems[path])
             if not problems[path]:
-                yield {**row, "image_path": path, "image": path}
+                yield {**row, "image_path": os.path.relpath(path, self.config.images_dir), "image": path}
+
+
+@contextlib.contextmanager
+def quiet_progress():
+    """datasets' progress bars off while a config is prepared (it shows one per split, three per language for most
+    datasets, which bury the caller's own progress); restored afterwards."""
+    if datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
 
 
 def read_lines(path: str) -> list[str]:
@@ -258,22 +276,48 @@ def find_image(images_dir: str, image_id: str) -> str:
     return flat
 
 
+def file_stats(folder: str) -> list[tuple[str, int, int]]:
+    """(path relative to folder, size, mtime in ns) of every file under folder, sorted; [] for a missing folder."""
+    stats = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            info = os.stat(os.path.join(root, name))
+            stats.append((os.path.relpath(os.path.join(root, name), folder), info.st_size, info.st_mtime_ns))
+    return stats
+
+
 def image_problem(path: str) -> Optional[str]:
-    """Why the image cannot be used (missing, or not an image file Pillow can read), or None."""
+    """Why the image cannot be used (missing, not an image Pillow can read, or truncated), or None.
+
+    The image is decoded fully: `PIL.Image.verify` reads the headers only and passes a truncated JPEG.
+    """
     if not os.path.isfile(path):
         return f"image {path} not found"
     try:
         with PIL.Image.open(path) as image:
-            image.verify()
+            image.load()
     except Exception as error:  # Pillow raises many types for broken files
         return f"image {path} is unreadable: {error}"
     return None
 
 
 def read_image_features(path: str) -> dict[str, list[float]]:
-    """{image_id: embedding} from a Parquet file with columns image_id and image_embeds."""
-    columns = pq.read_schema(path).names
+    """{image_id: embedding} from a Parquet file with columns image_id and image_embeds, all of one length."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image features file {path} not found")
+    try:
+        columns = pq.read_schema(path).names
+    except pa.ArrowException as error:
+        raise ValueError(f"{path}: not a Parquet file ({error})") from None
     if not {"image_id", "image_embeds"} <= set(columns):
         raise ValueError(f"{path} needs columns image_id and image_embeds; it has {columns}")
     table = pq.read_table(path, columns=["image_id", "image_embeds"])
-    return dict(zip(table.column("image_id").to_pylist(), table.column("image_embeds").to_pylist()))
+    features = dict(zip(table.column("image_id").to_pylist(), table.column("image_embeds").to_pylist()))
+    lengths = {}
+    for image_id, embeds in features.items():
+        lengths.setdefault(len(embeds or ()), image_id)
+    if len(lengths) > 1:
+        examples = ", ".join(f"{length} for image_id {image_id!r}" for length, image_id in lengths.items())
+        raise ValueError(f"{path}: image_embeds differ in length ({examples})")
+    return features

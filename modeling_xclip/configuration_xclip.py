@@ -225,3 +225,11 @@ class MCLIPConfig(_XCLIPBaseConfig):
     @property
     def projection_dim(self):
         return self.numDims
+
+    def to_dict(self):
+        """As saved: a `modelBase` that is a local directory is kept by its last part only, so that a published
+        config names no folder of this machine (the saved `text_config` describes the encoder: nothing reads it)."""
+        output = super().to_dict()
+        if os.path.isabs(self.modelBase) or os.path.isdir(self.modelBase):
+            output["modelBase"] = os.path.basename(os.path.normpath(self.modelBase))
+        return output

@@ -142,5 +142,54 @@ def mte_stage2_loss(nmt, source_pooled, target_pooled, temperature, ctl_weight=2
     return nmt + ctl_weight * ctl
 
 
-__all__ = ["MAX_LOGIT_SCALE", "contrastive_loss", "gather_features", "inverse_temperature", "mean_pool", "mte_stage2_loss",
-           "nmt_loss", "teacher_mse_loss", "trikd_loss"]
+
+
+# --- translation-based cross-lingual alignment (seed paper 000 §3.1) ---------------------------------------------------
+ALIGNMENT_LOSSES = ("mse", "cl_pivot_target", "cl_pivot_image")
+# seed paper 000 §3.1: "Following CLIP, [τ] is set to 0.01"
+PET_TEMPERATURE = 0.01
+
+
+def alignment_loss(pivot, target, kind, image=None, temperature=PET_TEMPERATURE, gather=True):
+    """L_alignment of seed paper 000 §3.1 between the pivot-language (English) text vectors T^pivot and the target
+    text vectors T^tgt of the same rows (eqs. 3-4; which texts are pivot and target is the routine's choice).
+
+    kind:
+        "mse": eq. 7, MSE(T^pivot, T^tgt) on the unnormalised text vectors (M-CLIP's own teacher-learning space),
+            averaged over rows and dimensions.
+        "cl_pivot_target": eq. 8, the contrastive loss between the cosine-normalised pivot and target vectors at
+            temperature τ. Eq. 8 is written in one direction; it is applied both ways and averaged, as CLIP's loss
+            (eqs. 1-2), by `contrastive_loss`.
+        "cl_pivot_image": the same contrastive loss between the pivot vectors and the image vectors `image`.
+    """
+    if kind == "mse":
+        return F.mse_loss(target, pivot.to(target.dtype))
+    if kind == "cl_pivot_target":
+        return contrastive_loss(F.normalize(pivot, dim=-1), F.normalize(target, dim=-1), temperature=temperature,
+                                gather=gather)
+    if kind == "cl_pivot_image":
+        if image is None:
+            raise ValueError("the cl_pivot_image alignment loss needs the image vectors")
+        return contrastive_loss(F.normalize(pivot, dim=-1), F.normalize(image, dim=-1), temperature=temperature,
+                                gather=gather)
+    raise ValueError(f"unknown alignment loss {kind!r}; valid: {list(ALIGNMENT_LOSSES)}")
+
+
+def pet_alignment_loss(text, image, pivot=None, kind="mse", weight=0.1, temperature=PET_TEMPERATURE, gather=True):
+    """Seed paper 000 eq. 9: L = L_i2t + L_t2i + λ L_alignment.
+
+    L_i2t and L_t2i (eqs. 1-2) are the two directions of the image-text contrastive loss at the fixed temperature τ:
+    their sum is twice `contrastive_loss` (which averages them). `text` and `pivot` are the unnormalised text vectors
+    of the target and pivot sides, `image` the image vectors; without `pivot` (no routine, or English) the loss is
+    L_i2t + L_t2i alone.
+    """
+    image = F.normalize(image, dim=-1)
+    loss = 2 * contrastive_loss(F.normalize(text, dim=-1), image, temperature=temperature, gather=gather)
+    if pivot is None:
+        return loss
+    return loss + weight * alignment_loss(pivot, text, kind, image=image, temperature=temperature, gather=gather)
+
+
+__all__ = ["ALIGNMENT_LOSSES", "MAX_LOGIT_SCALE", "PET_TEMPERATURE", "alignment_loss", "contrastive_loss", "gather_features",
+           "inverse_temperature", "mean_pool", "mte_stage2_loss", "nmt_loss", "pet_alignment_loss", "teacher_mse_loss",
+           "trikd_loss"]

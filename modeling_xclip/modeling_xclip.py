@@ -34,6 +34,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_xclip import MCLIPConfig, XAltCLIPConfig, XMCLIPConfig
 from .losses import contrastive_loss, trikd_loss
+from .pet_xclip import attach_pet_hosts
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,9 @@ class XCLIPPreTrainedModel(PreTrainedModel):
         With `return_loss`, the symmetric contrastive loss of a batch of aligned pairs (row i with image i):
         `losses.contrastive_loss` at the learnable temperature.
         """
+        if image_embeds is not None and image_embeds.shape[-1] != self.config.projection_dim:
+            raise ValueError(f"image_embeds have {image_embeds.shape[-1]} dimensions but this model's joint space has "
+                             f"{self.config.projection_dim}: use the image tower (or features) it was trained with")
         text_out = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask,
                                           token_type_ids=token_type_ids, position_ids=position_ids, **kwargs)
         vision_out = None
@@ -406,6 +410,8 @@ class MCLIPModel(XCLIPPreTrainedModel):
         super().__init__(config)
         self.transformer = build_text_encoder(config.text_config)
         self.LinearTransformation = nn.Linear(config.transformerDimensions, config.numDims)
+        # empty, parameter-free hosts of the per-language Adapter and Compacter heads (pet_xclip.py; needs PEFT)
+        attach_pet_hosts(self.transformer)
         self._build_clip_towers(config)
         self.post_init()
 

@@ -9,7 +9,7 @@ import string
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerFast, XLMRobertaConfig
+from transformers import CLIPImageProcessorPil, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerFast, XLMRobertaConfig
 
 from . import FAMILIES
 
@@ -59,7 +59,7 @@ def tiny_clip_text_config(vocab_size):
 
 
 def tiny_image_processor():
-    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
 def tiny_config(family, vision=True, clip_text=None):
@@ -96,12 +96,19 @@ def build_tiny_model(family, save_dir=None, seed=0, text_template=None, **config
     return model, processor
 
 
-if __name__ == "__main__":
+def _main(argv):
     import argparse
 
-    parser = argparse.ArgumentParser(description="Save a tiny random model of a family (with its processor).")
+    parser = argparse.ArgumentParser(prog="python -m modeling_xclip.tiny",
+                                     description="Save a tiny random model of a family (with its processor).")
     parser.add_argument("family", choices=sorted(FAMILIES))
     parser.add_argument("save_dir")
     parser.add_argument("--text_template", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     build_tiny_model(args.family, save_dir=args.save_dir, text_template=args.text_template)
+
+
+if __name__ == "__main__":
+    from training_scripts.cli import run_cli  # the command line only: the library itself imports no script helper
+
+    run_cli(_main)

@@ -5,10 +5,30 @@ This file is remote code: `save_pretrained` copies it into the model directory, 
 transformers API only.
 """
 
+import logging
 import os
 
 from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature, ProcessorMixin
+
+logger = logging.getLogger(__name__)
+
+
+def warn_truncated(tokenizer, texts, lengths, max_length):
+    """Log a warning with the count of `texts` longer than `max_length` tokens (the caller truncated them);
+    `lengths` are their token counts after truncation. Returns that count.
+
+    Only texts truncated to exactly `max_length` tokens can be longer: those are tokenized again, one token longer.
+    """
+    max_length = max_length or tokenizer.model_max_length
+    candidates = [text for text, length in zip(texts, lengths) if length >= max_length]
+    if not candidates or max_length > 1_000_000:  # no limit set
+        return 0
+    longer = tokenizer(candidates, truncation=True, max_length=max_length + 1)["input_ids"]
+    count = sum(len(ids) > max_length for ids in longer)
+    if count:
+        logger.warning("%d of %d texts are longer than %d tokens and were truncated", count, len(texts), max_length)
+    return count
 
 
 def load_rgb(image):
@@ -69,9 +89,13 @@ class XCLIPProcessor(ProcessorMixin):
         output = {}
         if text is not None:
             texts = [text] if isinstance(text, str) else text
-            output.update(self.tokenizer(self.apply_template(texts), padding=padding, truncation=truncation,
-                                         max_length=kwargs.pop("max_length", self.max_length),
-                                         return_tensors=return_tensors, **kwargs))
+            texts = self.apply_template(texts)
+            max_length = kwargs.pop("max_length", self.max_length)
+            encoded = self.tokenizer(texts, padding=padding, truncation=truncation, max_length=max_length,
+                                     return_tensors=return_tensors, **kwargs)
+            if truncation:
+                warn_truncated(self.tokenizer, texts, [int(sum(mask)) for mask in encoded["attention_mask"]], max_length)
+            output.update(encoded)
         if images is not None:
             images = [images] if not isinstance(images, (list, tuple)) else images
             output.update(self.image_processor([load_rgb(im) for im in images], return_tensors=return_tensors))
@@ -84,4 +108,4 @@ class XCLIPProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
 
-__all__ = ["XCLIPProcessor", "load_rgb"]
+__all__ = ["XCLIPProcessor", "load_rgb", "warn_truncated"]

@@ -84,7 +84,8 @@ def parquet_dataset(tmp_path_factory):
 
 
 def run(tmp_path, *argv):
-    """run_eval.main in this process; returns results.json."""
+    """run_eval.main in this process; returns results.json. With "--debug" among argv, a user error raises as is
+    (without, it ends in one line and exit status 2)."""
     output_dir = tmp_path / "out"
     run_eval.main(["--output_dir", str(output_dir), *map(str, argv)])
     return json.loads((output_dir / "results.json").read_text())
@@ -209,7 +210,7 @@ def test_text_only_published_mclip_with_image_features(published_mclip, parquet_
     assert results["per_language"]["en"]["i2t"]["R@1"] == 100.0
 
     with pytest.raises(ValueError, match="no image processor"):
-        run(tmp_path, "--model", published_mclip.path, "--dataset", parquet_dataset, "--overwrite")
+        run(tmp_path, "--model", published_mclip.path, "--dataset", parquet_dataset, "--overwrite", "--debug")
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".tsv", ".parquet"])
@@ -234,7 +235,7 @@ def test_translate_test_replaces_captions(models, parquet_dataset, tmp_path, suf
     table.iloc[1:].to_parquet(tmp_path / "partial.parquet")
     with pytest.raises(ValueError, match="no translation for 1 captions"):
         run(tmp_path, "--model", models["mclip"], "--dataset", parquet_dataset, "--overwrite",
-            "--translated_captions", tmp_path / "partial.parquet")
+            "--translated_captions", tmp_path / "partial.parquet", "--debug")
 
 
 # --- classification -----------------------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ def test_classification_tiny_model(models, image_folder, tmp_path):
     with pytest.raises(ValueError, match="de: no prompts, or no class name"):
         run(tmp_path, "--model", models["altclip"], "--task", "classification", "--dataset", "imagefolder",
             "--data_dir", image_folder, "--class_names", write_json(tmp_path / "bad.json", {"de": {"n00": "rot"}}),
-            "--overwrite")
+            "--overwrite", "--debug")
 
 
 def test_classification_aligns_images_labels_and_class_names(models, image_folder, tmp_path, monkeypatch):

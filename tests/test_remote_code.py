@@ -16,7 +16,8 @@ from modeling_xclip.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 REMOTE_CODE = [REPO / "modeling_xclip" / "configuration_xclip.py", REPO / "modeling_xclip" / "modeling_xclip.py",
-               REPO / "modeling_xclip" / "losses.py", REPO / "processing" / "processing_xclip.py"]
+               REPO / "modeling_xclip" / "losses.py", REPO / "modeling_xclip" / "pet_xclip.py",
+               REPO / "processing" / "processing_xclip.py"]
 # public transformers modules remote code may import from; everything under transformers.models.* and any
 # underscore-prefixed module or name is private
 PUBLIC_MODULES = {"transformers", "transformers.modeling_outputs", "transformers.utils", "transformers.initialization"}
@@ -63,7 +64,7 @@ def test_auto_round_trip_with_remote_code(tmp_path, family, keep_clip_text):
     assert config["model_type"] == model.config.model_type
     assert config["auto_map"]["AutoModel"].startswith("modeling_xclip.")
     assert {p.name for p in save_dir.glob("*.py")} == {"configuration_xclip.py", "modeling_xclip.py", "losses.py",
-                                                       "processing_xclip.py"}
+                                                       "pet_xclip.py", "processing_xclip.py"}
     assert (save_dir / "model.safetensors").exists() and not list(save_dir.glob("*.bin"))
     assert (config["clip_text_config"] is not None) == keep_clip_text
 

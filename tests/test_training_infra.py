@@ -64,6 +64,10 @@ def test_feature_cache_computes_once_per_key(tmp_path):
     again = cached_features(tmp_path, {"texts": ["a", "b"], "model": "m"}, compute)
     other = cached_features(tmp_path, {"model": "m", "texts": ["a", "c"]}, compute)
     assert len(calls) == 2 and torch.equal(first, again) and torch.equal(first, other)
+    for path in tmp_path.glob("*.safetensors"):      # a corrupt cache file is computed again, not an error
+        path.write_bytes(b"not safetensors")
+    assert torch.equal(cached_features(tmp_path, {"model": "m", "texts": ["a", "b"]}, compute), first)
+    assert len(calls) == 3
 
 
 class _MCLIPTrainer(XCLIPTrainer):

@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a file: make the repository's packages i
 
 import torch
 
+from training_scripts.cli import run_cli
 from training_scripts.embeddings import Encoder
 from training_scripts.data import DatasetImages, dataset_option, load_language
 
@@ -46,6 +47,11 @@ def measure(encode, forward_seconds, count, unit):
 
 
 def main(argv=None):
+    """The command line; a user error ends in one line, `error: ...`, exit status 2 (`--debug`: the traceback)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--dataset", default="synthetic")
@@ -68,7 +74,7 @@ def main(argv=None):
             len(captions), "texts")
     if not args.skip_images:
         first_rows = {str(image_id): (ds, row) for row, image_id in reversed(list(enumerate(ds["image_id"])))}
-        images = DatasetImages(list(first_rows.values()), args.data_dir)
+        images = DatasetImages(list(first_rows.values()), dict(args.dataset_options).get("images_dir") or args.data_dir)
         measure(lambda: encoder.images(images, identity=None), timed(encoder.model, "get_image_features", encoder.device),
                 len(images), "images")
 

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import datasets
 import pandas as pd
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
 from datasets_builders import BUILDERS, available_languages, load
-from datasets_builders.common import read_image_features
+from datasets_builders.common import quiet_progress, read_image_features
+from training_scripts.cli import check_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +25,11 @@ TRANSLATION_COLUMNS = ["language", "image_id", "caption_index", "caption_en"]
 
 def dataset_languages(dataset, data_dir=None, options=None):
     if dataset in BUILDERS:
-        return list(available_languages(dataset, data_dir=data_dir, **(options or {})))
-    return datasets.get_dataset_config_names(dataset)
+        languages = list(available_languages(dataset, data_dir=data_dir, **(options or {})))
+        if not languages:
+            raise FileNotFoundError(f"no language of {dataset} has all its files under data_dir {data_dir}")
+        return languages
+    return datasets.get_dataset_config_names(check_local_path(dataset, "dataset"))
 
 
 def pick_split(loaded, split):
@@ -43,19 +48,24 @@ def load_language(dataset, language, split=None, data_dir=None, options=None):
     if dataset in BUILDERS:
         loaded = load(dataset, language, split=split, data_dir=data_dir, **(options or {}))
     else:
-        loaded = datasets.load_dataset(dataset, language, split=split)
+        with quiet_progress():
+            loaded = datasets.load_dataset(check_local_path(dataset, "dataset"), language, split=split)
     split, ds = pick_split(loaded, split)
+    empty = [row for row, caption in enumerate(ds["caption"]) if not (caption or "").strip()]
+    if empty:
+        raise ValueError(f"{dataset} {language}/{split}: {len(empty)} empty caption(s), the first in row {empty[0]} "
+                         f"(image_id {ds[empty[0]]['image_id']!r})")
     if "image" in ds.column_names:
         ds = ds.cast_column("image", datasets.Image(decode=False))
     return split, ds
 
 
 class DatasetImages(Sequence):
-    """Images read lazily from (dataset, row) pairs: the ``image`` column, else ``data_dir / image_path``."""
+    """Images read lazily from (dataset, row) pairs: the ``image`` column, else ``images_dir / image_path``."""
 
-    def __init__(self, rows, data_dir=None):
+    def __init__(self, rows, images_dir=None):
         self.rows = rows
-        self.data_dir = Path(data_dir or "")
+        self.images_dir = Path(images_dir or "")
 
     def __len__(self):
         return len(self.rows)
@@ -66,29 +76,55 @@ class DatasetImages(Sequence):
         if record.get("image"):
             return record["image"]
         if record.get("image_path"):
-            return self.data_dir / record["image_path"]
+            return self.images_dir / record["image_path"]
         raise ValueError(f"image {record['image_id']!r} has no pixels: pass precomputed --image_features")
+
+
+def read_json(path):
+    """A JSON file; a missing file or bad JSON raises an error that names the file (and line)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
 
 
 def read_table(path):
     path = Path(path)
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
+    if path.suffix not in (".parquet", ".jsonl", ".tsv"):
+        raise ValueError(f"{path}: expected a .parquet, .jsonl or .tsv file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
     if path.suffix == ".jsonl":
+        rows = []
         with path.open(encoding="utf-8") as lines:
-            return pd.DataFrame([json.loads(line) for line in lines if line.strip()])
-    if path.suffix == ".tsv":
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+        return pd.DataFrame(rows)
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
         return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    raise ValueError(f"{path}: expected a .parquet, .jsonl or .tsv file")
+    except (ValueError, pa.ArrowException) as error:  # pandas and pyarrow do not name the file
+        raise ValueError(f"{path}: not a valid {path.suffix} file ({error})") from None
 
 
-def image_features(path, image_ids):
-    """(len(image_ids), d) L2-normalised image embeddings from a Parquet of image_id, image_embeds."""
+def image_features(path, image_ids, dim=None):
+    """(len(image_ids), d) L2-normalised image embeddings from a Parquet of image_id, image_embeds; with ``dim``
+    (the model's embedding width), embeddings of another width raise an error that names the file."""
     lookup = {str(image_id): embeds for image_id, embeds in read_image_features(path).items()}
     missing = [image_id for image_id in image_ids if image_id not in lookup]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} image ids, e.g. {missing[:3]}")
-    return F.normalize(torch.tensor([lookup[image_id] for image_id in image_ids], dtype=torch.float32), dim=-1)
+    embeds = torch.tensor([lookup[image_id] for image_id in image_ids], dtype=torch.float32)
+    if dim is not None and embeds.shape[1] != dim:
+        raise ValueError(f"{path}: image_embeds have {embeds.shape[1]} dimensions but the model's embeddings have "
+                         f"{dim}: encode the images with the image tower the model was trained with")
+    return F.normalize(embeds, dim=-1)
 
 
 def read_translations(path):

@@ -25,21 +25,36 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoProcessor, PretrainedConfig
 
-from processing import load_rgb
+from processing import load_rgb, warn_truncated
+from training_scripts.cli import load_pretrained
 
 logger = logging.getLogger(__name__)
 
 
 def load_model(name_or_path):
-    """The model at a Hub id or local dir, in eval mode."""
-    config, _ = PretrainedConfig.get_config_dict(name_or_path)
+    """The model at a Hub id or local dir, in eval mode; a missing dir or a corrupt weights file raises an error
+    that names it (``training_scripts.cli.load_pretrained``)."""
+    config, _ = load_pretrained(PretrainedConfig.get_config_dict, name_or_path)
     if config.get("model_type") == "M-CLIP" and "auto_map" not in config:
         from modeling_xclip import MCLIPModel
 
-        model = MCLIPModel.from_pretrained(name_or_path)
+        model = load_pretrained(MCLIPModel.from_pretrained, name_or_path)
     else:
-        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True)
+        model = load_pretrained(AutoModel.from_pretrained, name_or_path, trust_remote_code=True)
     return model.eval()
+
+
+def text_features(model, input_ids, attention_mask):
+    """Unnormalised projected text vectors of a model, or of a PeftModel of one: PEFT prepends a soft prompt's
+    virtual tokens in its forward only, so a prompt-learning adapter runs the forward (with one dummy image vector,
+    which M-CLIP's forward needs and whose output is not used)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) and model.peft_config[model.active_adapter].is_prompt_learning:
+        dummy = input_ids.new_zeros((1, model.get_base_model().config.numDims), dtype=torch.float32)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, image_embeds=dummy)
+        return output.text_model_output.pooler_output
+    return model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 
 def model_fingerprint(name_or_path):
@@ -62,8 +77,12 @@ def cached_features(cache_dir, key, compute):
     text = json.dumps(key, sort_keys=True, ensure_ascii=False)
     path = cache_dir / f"{hashlib.sha256(text.encode()).hexdigest()}.safetensors"
     if path.exists():
-        logger.info("loaded from cache %s", path)
-        return load_file(path)["embeds"]
+        try:
+            embeds = load_file(path)["embeds"]
+            logger.info("loaded from cache %s", path)
+            return embeds
+        except Exception as error:  # a truncated or foreign file: computed again and replaced
+            logger.warning("cache file %s is unreadable (%s): computing it again", path, error)
     embeds = compute()
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
@@ -127,6 +146,7 @@ class Encoder:
     @torch.inference_mode()
     def _encode_texts(self, texts, desc):
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        warn_truncated(self.tokenizer, texts, [len(ids) for ids in encoded["input_ids"]], self.max_length)
         order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
         chunks = []
         with tqdm(total=len(texts), desc=desc, unit="text") as progress:
@@ -134,9 +154,9 @@ class Encoder:
                 rows = order[start:start + self.batch_size]
                 batch = self.tokenizer.pad({name: [encoded[name][i] for i in rows]
                                             for name in ("input_ids", "attention_mask")}, return_tensors="pt")
-                output = self.model.get_text_features(input_ids=batch["input_ids"].to(self.device),
-                                                      attention_mask=batch["attention_mask"].to(self.device))
-                chunks.append(F.normalize(output.pooler_output.float(), dim=-1).cpu())
+                output = text_features(self.model, batch["input_ids"].to(self.device),
+                                       batch["attention_mask"].to(self.device))
+                chunks.append(F.normalize(output.float(), dim=-1).cpu())
                 progress.update(len(rows))
         embeds = torch.empty(len(texts), chunks[0].shape[1])
         embeds[order] = torch.cat(chunks)

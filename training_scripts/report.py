@@ -36,8 +36,9 @@ def markdown(results):
     columns = list(results["summary"])
     size_columns = list(next(iter(results["sizes"].values())))
     header = ["language", *size_columns, *columns]
-    lines = [f"# {results['task'].capitalize()}: `{results['model']}` on `{results['dataset']}` "
-             f"(split `{results['split']}`)", ""]
+    splits = (f"split `{results['split']}`" if results["split"] is not None else
+              "splits " + ", ".join(f"{language} `{split}`" for language, split in results["splits"].items()))
+    lines = [f"# {results['task'].capitalize()}: `{results['model']}` on `{results['dataset']}` ({splits})", ""]
     lines += [f"- {name}: `{value}`" for name, value in results["setup"].items()]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for language, row in rows.items():

@@ -9,7 +9,8 @@ Writes results.json, results.md and results.png in --output_dir (refusing to ove
 and are written into results.md.
 
 File formats:
-  --image_features      Parquet with columns image_id and image_embeds (a list of floats per image).
+  --image_features      Parquet with columns image_id and image_embeds (a list of floats per image); for
+                        classification, image_id is the image's path relative to the dataset folder.
   --translated_captions Parquet (.parquet), JSON lines (.jsonl) or tab-separated (.tsv, with a header) with
                         columns language, image_id, caption_index, caption_en; caption_index is the 0-based
                         position of the caption among that image's captions of that language, in dataset
@@ -19,7 +20,6 @@ File formats:
   --prompts             JSON {language: [template with {}]}; default: the text template (see --text_template) for every language.
 """
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -32,9 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from datasets_builders import BUILDERS
+from datasets_builders.common import quiet_progress
+from training_scripts.cli import check_local_path, run_cli
 from training_scripts.data import (DatasetImages, dataset_languages, dataset_option, image_features, load_language,
-                                   pick_split, read_translations, translate)
+                                   pick_split, read_json, read_translations, translate)
 from training_scripts.embeddings import Encoder
+from training_scripts.pet import use_language
 from training_scripts.metrics import classification_metrics, retrieval_metrics, summarize_columns
 from training_scripts.report import existing_results, write_results
 
@@ -42,11 +45,11 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate_retrieval(args, encoder):
+    translations = read_translations(args.translated_captions) if args.translated_captions else {}
     languages = args.languages or dataset_languages(args.dataset, args.data_dir, args.dataset_options)
     loaded = {language: load_language(args.dataset, language, args.split, args.data_dir, args.dataset_options)
               for language in languages}
-    split = loaded[languages[0]][0]
-    translations = read_translations(args.translated_captions) if args.translated_captions else {}
+    splits = {language: split for language, (split, _) in loaded.items()}
 
     # Positive keys (concept, else image id) as ints; each image is encoded once for all languages.
     key_ids, image_key, image_row, per_rows = {}, {}, {}, {}
@@ -60,12 +63,13 @@ def evaluate_retrieval(args, encoder):
         per_rows[language] = (image_ids, keys)
     all_ids = list(image_row)
     if args.image_features:
-        image_embeds = image_features(args.image_features, all_ids)
+        image_embeds = image_features(args.image_features, all_ids, embedding_dim(encoder))
     else:
         data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
-        identity = {"dataset": args.dataset, "data_dir": data_dir, "options": args.dataset_options, "split": split,
-                    "image_ids": all_ids}
-        image_embeds = encoder.images(DatasetImages([image_row[i] for i in all_ids], args.data_dir), identity)
+        identity = {"dataset": args.dataset, "data_dir": data_dir, "options": args.dataset_options,
+                    "splits": sorted(set(splits.values())), "image_ids": all_ids}
+        images_dir = args.dataset_options.get("images_dir") or args.data_dir
+        image_embeds = encoder.images(DatasetImages([image_row[i] for i in all_ids], images_dir), identity)
     position = {image_id: index for index, image_id in enumerate(all_ids)}
 
     per_language, sizes = {}, {}
@@ -76,26 +80,36 @@ def evaluate_retrieval(args, encoder):
             captions = translate(image_ids, translations[language])
         elif translations:
             logger.info("%s: no translations in %s, its own captions are used", language, args.translated_captions)
-        text_embeds = encoder.texts([args.text_template.format(c) for c in captions], desc=f"{language} texts")
+        template = args.text_template
+        if args.adapters:  # the language's own PET adapter and hard prompt
+            template = use_language(encoder, args.adapters, language, language in translations)
+        text_embeds = encoder.texts([template.format(c) for c in captions], desc=f"{language} texts")
         gallery = list(dict.fromkeys(image_ids))
         per_language[language] = retrieval_metrics(text_embeds, keys, image_embeds[[position[i] for i in gallery]],
                                                    [image_key[i] for i in gallery])
         sizes[language] = {"texts": len(captions), "images": len(gallery)}
         logger.info("%s: r1_mean %.2f, mean_recall %.2f", language, per_language[language]["r1_mean"],
                     per_language[language]["mean_recall"])
-    setup = {"text_template": args.text_template, "image_features": args.image_features,
+    setup = {"text_template": args.text_template, "adapters": args.adapters, "image_features": args.image_features,
              "translated_captions": args.translated_captions,
              "translated_languages": [language for language in languages if language in translations]}
-    return split, setup, sizes, per_language
+    return splits, setup, sizes, per_language
+
+
+def embedding_dim(encoder):
+    """Width of the model's joint embedding space (what precomputed image features must have), or None."""
+    return getattr(encoder.model.config, "projection_dim", None)
 
 
 def evaluate_classification(args, encoder):
     folder = args.data_dir if args.dataset == "imagefolder" else args.dataset
-    split, ds = pick_split(datasets.load_dataset("imagefolder", data_dir=folder, split=args.split), args.split)
+    folder = check_local_path(folder, "dataset")
+    with quiet_progress():
+        split, ds = pick_split(datasets.load_dataset("imagefolder", data_dir=folder, split=args.split), args.split)
     ds = ds.cast_column("image", datasets.Image(decode=False))
     folders = ds.features["label"].names
-    class_names = json.loads(Path(args.class_names).read_text("utf-8")) if args.class_names else {"en": {f: f for f in folders}}
-    prompts = json.loads(Path(args.prompts).read_text("utf-8")) if args.prompts else None
+    class_names = read_json(args.class_names) if args.class_names else {"en": {f: f for f in folders}}
+    prompts = read_json(args.prompts) if args.prompts else None
     languages = args.languages or list(class_names)
     for language in languages:
         missing = [f for f in folders if f not in class_names.get(language, {})]
@@ -103,8 +117,12 @@ def evaluate_classification(args, encoder):
             raise ValueError(f"{language}: no prompts, or no class name for folders {missing[:5]}")
 
     entries = ds["image"]
-    identity = {"dataset": "imagefolder", "split": split, "image_ids": [entry["path"] for entry in entries]}
-    image_embeds = encoder.images(entries, identity)
+    if args.image_features:  # image ids: the paths relative to the folder, e.g. n01440764/ILSVRC2012_val_00000293.JPEG
+        image_ids = [Path(entry["path"]).resolve().relative_to(Path(folder).resolve()).as_posix() for entry in entries]
+        image_embeds = image_features(args.image_features, image_ids, embedding_dim(encoder))
+    else:
+        identity = {"dataset": "imagefolder", "split": split, "image_ids": [entry["path"] for entry in entries]}
+        image_embeds = encoder.images(entries, identity)
     labels = list(ds["label"])
     per_language, sizes = {}, {}
     for language in languages:
@@ -113,8 +131,9 @@ def evaluate_classification(args, encoder):
         class_embeds = encoder.texts(texts, desc=f"{language} prompts").view(len(folders), len(templates), -1)
         per_language[language] = classification_metrics(image_embeds, labels, F.normalize(class_embeds.mean(1), dim=-1))
         sizes[language] = {"images": len(labels), "classes": len(folders), "templates": len(templates)}
-    setup = {"class_names": args.class_names, "prompts": args.prompts or args.text_template}
-    return split, setup, sizes, per_language
+    setup = {"class_names": args.class_names, "prompts": args.prompts or args.text_template,
+             "image_features": args.image_features}
+    return {language: split for language in languages}, setup, sizes, per_language
 
 
 def build_parser():
@@ -132,10 +151,12 @@ def build_parser():
                              "(values are read as JSON where they parse, else as strings)")
     parser.add_argument("--languages", nargs="+", help="default: all the dataset has (retrieval), all in --class_names")
     parser.add_argument("--split", help="default: the only split, else test")
-    parser.add_argument("--image_features", help="retrieval: Parquet of precomputed image_id, image_embeds")
+    parser.add_argument("--image_features", help="Parquet of precomputed image_id, image_embeds (classification: "
+                                                  "image_id is the image's path relative to the dataset folder)")
     parser.add_argument("--text_template", help='e.g. "a photo of {}" or "query: {}"; default: the template saved '
                                                  "with the model's processor, else none")
     parser.add_argument("--translated_captions", help="retrieval, translate-test: captions translated into English")
+    parser.add_argument("--adapters", help="retrieval: a run_pet output dir; each language uses its own adapter")
     parser.add_argument("--class_names", help="classification: JSON {language: {class_folder: name}}")
     parser.add_argument("--prompts", help="classification: JSON {language: [templates]}")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -147,13 +168,18 @@ def build_parser():
 
 
 def main(argv=None):
+    """The command line; a user error ends in one line, `error: ...`, exit status 2 (`--debug`: the traceback)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     args.dataset_options = dict(args.dataset_options)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.text_template is not None and "{}" not in args.text_template:
         parser.error("--text_template needs a {} where the text goes")
-    retrieval_only = [o for o in ("image_features", "translated_captions") if getattr(args, o)]
+    retrieval_only = [o for o in ("translated_captions",) if getattr(args, o)]
     classification_only = [o for o in ("class_names", "prompts") if getattr(args, o)]
     if wrong := (classification_only if args.task == "retrieval" else retrieval_only):
         parser.error(f"--{', --'.join(wrong)} do not apply to --task {args.task}")
@@ -164,8 +190,10 @@ def main(argv=None):
     encoder = Encoder(args.model, device=args.device, batch_size=args.batch_size, cache_dir=args.cache_dir)
     args.text_template = args.text_template or encoder.text_template
     evaluate = evaluate_retrieval if args.task == "retrieval" else evaluate_classification
-    split, setup, sizes, per_language = evaluate(args, encoder)
-    results = {"task": args.task, "model": args.model, "dataset": args.dataset, "split": split,
+    splits, setup, sizes, per_language = evaluate(args, encoder)
+    common_split = set(splits.values())
+    results = {"task": args.task, "model": args.model, "dataset": args.dataset,
+               "split": common_split.pop() if len(common_split) == 1 else None, "splits": splits,
                "languages": list(per_language), "setup": setup, "sizes": sizes,
                "per_language": per_language, "summary": summarize_columns(per_language)}
     write_results(args.output_dir, results)

@@ -141,7 +141,8 @@ class RetrievalEvaluator:
         processor: the model's processor (tokenizer, max length).
         image_embeds: callable(model) -> {image_id: vector} for every image of the datasets: the frozen image
             tower's cached outputs, mapped by whatever of the model trains on top of them.
-        text_template: applied to every caption ("{}" by default).
+        text_template: applied to every caption ("{}" by default), or {language: template} (e.g. per-language hard
+            prompts). Captions in another form (e.g. translated) are given as the datasets' `caption` column.
     """
 
     def __init__(self, datasets_by_language, processor, image_embeds, text_template="{}", batch_size=64):
@@ -161,7 +162,10 @@ class RetrievalEvaluator:
             key_ids, per_language = {}, {}
             for language, ds in self.datasets.items():
                 keys = positive_keys(ds, key_ids)
-                texts = encoder.texts([self.text_template.format(c) for c in ds["caption"]], desc=f"eval {language}")
+                template = self.text_template
+                if isinstance(template, dict):
+                    template = template[language]
+                texts = encoder.texts([template.format(c) for c in ds["caption"]], desc=f"eval {language}")
                 image_ids = [str(i) for i in ds["image_id"]]
                 gallery = list(dict.fromkeys(image_ids))
                 image_key = dict(zip(image_ids, keys))
@@ -216,11 +220,13 @@ class XCLIPTrainer(Trainer):
     - `run_info` ({"stage": ..., "model": ...}) is written to every checkpoint and checked on resume.
     - with an `evaluator` (e.g. `RetrievalEvaluator`), `evaluate()` reports per-language retrieval (see
       `run_metrics`), so `metric_for_best_model="eval_avg_t2i_R@1"` and `load_best_model_at_end` work;
-      `last_evaluation` keeps the latest per-language metrics.
+      `last_evaluation` keeps the latest per-language metrics; the evaluator's datasets stand for `eval_dataset`.
     - the datasets hold the collator's own rows, so unused columns are never removed.
     """
 
     def __init__(self, *args, run_info=None, evaluator=None, **kwargs):
+        if evaluator is not None and kwargs.get("eval_dataset") is None:
+            kwargs["eval_dataset"] = evaluator.datasets  # what `evaluate()` reads (Trainer requires one to evaluate)
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False
         self.run_info = dict(run_info or {})
@@ -271,18 +277,19 @@ def model_index(name, results, metrics=("t2i_R@1", "i2t_R@1", "r1_mean")):
 
 
 def save_model_card(output_dir, template, model_name, results=None, languages=None, base_model=None,
-                    datasets=None, **fields):
+                    datasets=None, library_name="transformers", tags=(), **fields):
     """README.md of a saved model or adapter set, from the Jinja template `model_cards/{template}`.
 
-    The YAML carries the languages, library, base model, datasets and, with `results`, the `model-index`; the
-    template receives `fields`, `model_name` and `results_table` (results.md's table, or None).
+    The YAML carries the languages, library, base model, datasets, the library's tags and `tags` and, with
+    `results`, the `model-index`; the template receives `fields`, `model_name` and `results_table` (results.md's
+    table, or None).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
     from training_scripts.report import markdown
 
-    data = ModelCardData(language=languages, license=fields.get("license", "apache-2.0"), library_name="transformers",
-                         tags=["multilingual-clip", "xclip", "image-text-retrieval"], base_model=base_model,
+    data = ModelCardData(language=languages, license=fields.get("license", "apache-2.0"), library_name=library_name,
+                         tags=["multilingual-clip", "xclip", "image-text-retrieval", *tags], base_model=base_model,
                          datasets=datasets, model_name=model_name,
                          eval_results=model_index(model_name, results) if results else None)
     card = ModelCard.from_template(data, template_path=str(MODEL_CARDS / template), model_name=model_name,
@@ -291,12 +298,15 @@ def save_model_card(output_dir, template, model_name, results=None, languages=No
     return card
 
 
-def publish(output_dir, repo_id, token=None, private=None, commit_message="Upload with multilingual-clip-hf"):
-    """Upload `output_dir` (its checkpoints and logs left out) to the Hub model repository `repo_id`."""
+def publish(output_dir, repo_id, token=None, private=None, commit_message="Upload with multilingual-clip-hf",
+            allow_patterns=None):
+    """Upload `output_dir` (its checkpoints and logs left out; only `allow_patterns` where given) to the Hub model
+    repository `repo_id`."""
     from huggingface_hub import create_repo, upload_folder
 
     create_repo(repo_id, token=token, private=private, exist_ok=True)
     return upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=token, commit_message=commit_message,
+                         allow_patterns=allow_patterns,
                          ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "*.tmp"])
 
 
@@ -310,7 +320,6 @@ def finish(trainer, processor, output_dir, card, results=None, push_to_hub=False
     if not trainer.is_world_process_zero():
         return
     processor.save_pretrained(output_dir)
-    (Path(output_dir) / RUN_FILE).write_text(json.dumps(trainer.run_info, indent=2, sort_keys=True) + "\n")
     if results is not None:
         write_results(output_dir, results)
     save_model_card(output_dir, results=results, **card)
