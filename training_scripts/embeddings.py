@@ -57,6 +57,33 @@ def text_features(model, input_ids, attention_mask):
     return model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 
+def encode_text_batches(forward, tokenizer, texts, batch_size=64, max_length=None, desc="texts", device="cpu"):
+    """(len(texts), d) float32 CPU outputs of `forward(input_ids, attention_mask)`, unnormalised, in the order given.
+
+    Texts are tokenized once (truncated at `max_length`, with a warning that counts the truncated ones), sorted by
+    length and padded per batch. Embeddings for retrieval are these L2-normalised (`Encoder`); regression targets
+    and features (teacher learning) are used as they are.
+    """
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no texts to encode")
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    warn_truncated(tokenizer, texts, [len(ids) for ids in encoded["input_ids"]], max_length)
+    order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
+    chunks = []
+    with tqdm(total=len(texts), desc=desc, unit="text") as progress:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = tokenizer.pad({name: [encoded[name][i] for i in rows] for name in ("input_ids", "attention_mask")},
+                                  return_tensors="pt")
+            output = forward(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            chunks.append(output.detach().float().cpu())
+            progress.update(len(rows))
+    vectors = torch.empty(len(texts), chunks[0].shape[1])
+    vectors[order] = torch.cat(chunks)
+    return vectors
+
+
 def model_fingerprint(name_or_path):
     """What identifies a model's outputs: its id, or a local dir's path and its files' sizes and mtimes."""
     path = Path(name_or_path)
@@ -145,22 +172,9 @@ class Encoder:
 
     @torch.inference_mode()
     def _encode_texts(self, texts, desc):
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-        warn_truncated(self.tokenizer, texts, [len(ids) for ids in encoded["input_ids"]], self.max_length)
-        order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
-        chunks = []
-        with tqdm(total=len(texts), desc=desc, unit="text") as progress:
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start:start + self.batch_size]
-                batch = self.tokenizer.pad({name: [encoded[name][i] for i in rows]
-                                            for name in ("input_ids", "attention_mask")}, return_tensors="pt")
-                output = text_features(self.model, batch["input_ids"].to(self.device),
-                                       batch["attention_mask"].to(self.device))
-                chunks.append(F.normalize(output.float(), dim=-1).cpu())
-                progress.update(len(rows))
-        embeds = torch.empty(len(texts), chunks[0].shape[1])
-        embeds[order] = torch.cat(chunks)
-        return embeds
+        vectors = encode_text_batches(lambda ids, mask: text_features(self.model, ids, mask), self.tokenizer, texts,
+                                      self.batch_size, self.max_length, desc, self.device)
+        return F.normalize(vectors, dim=-1)
 
     @torch.inference_mode()
     def _encode_images(self, images, desc):

@@ -49,12 +49,6 @@ class ContrastiveArguments:
                 "the image tower is frozen), or a transformers CLIP model (both towers train)"})
     text_template: Optional[str] = field(default=None, metadata={
         "help": "applied to every caption; default: the template saved with the model's processor"})
-    test_split: Optional[str] = field(default="test", metadata={
-        "help": "split of the final per-language results ('none': no final evaluation)"})
-
-    def __post_init__(self):
-        if self.test_split in ("none", "None", ""):
-            self.test_split = None
 
 
 def _main(argv):
@@ -120,11 +114,11 @@ def _main(argv):
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     results = None
-    if model_args.test_split:
-        test, sets = evaluator(model_args.test_split)
+    if data_args.test_split:
+        test, sets = evaluator(data_args.test_split)
         chance = chance_levels(sets)
         results = results_record(test(trainer.model), training_args.output_dir, data_args.dataset,
-                                 model_args.test_split, {"model": model_args.model, "text_template": template,
+                                 data_args.test_split, {"model": model_args.model, "text_template": template,
                                                          "chance_t2i_R@1": chance},
                                  {language: {"texts": len(ds), "images": len(images_of({language: ds})[0])}
                                   for language, ds in sets.items()})

@@ -46,7 +46,6 @@ class PETArguments:
 
     base: str = field(metadata={"help": "M-CLIP directory (published format or ours) or Hub id"})
     pet_method: str = field(default="lora", metadata={"help": f"one of {', '.join(pet.METHODS)}"})
-    test_split: str = field(default="test", metadata={"help": "split of the final (Table 1) evaluation"})
     alignment: str = field(default="none", metadata={"help": f"one of {', '.join(pet.ROUTINES)}"})
     alignment_loss: str = field(default="mse", metadata={"help": "mse, cl_pivot_target or cl_pivot_image"})
     alignment_weight: float = field(default=0.1, metadata={"help": "λ of eq. 9 (the paper: 0.1-1 best)"})
@@ -100,6 +99,8 @@ def parse(argv):
                          f"{pet.ROUTINE_COLUMN[args.alignment]} column)")
     if data_args.eval_split is None and args.pet_method not in ("hard_prompt",):
         raise ValueError("--eval_split none: PET keeps the best checkpoint on the validation split; name one")
+    if data_args.test_split is None:
+        raise ValueError("--test_split none: PET reports each language's adapter on the test split; name one")
     return args, data_args, training
 
 
@@ -147,13 +148,13 @@ def _main(argv):
     languages = list(train)
     evaluation = (load_languages(data_args, data_args.eval_split, columns, "validation",
                                  data_args.max_eval_samples) if data_args.eval_split else {})
-    test = load_languages(data_args, args.test_split, columns, "the test evaluation")
+    test = load_languages(data_args, data_args.test_split, columns, "the test evaluation")
     check_images(test, data_args, "the image vectors")
     pivot = {}  # English, on the same images: routines 1 and 3 pair each caption with it
     if args.alignment in ("routine1", "routine3"):
         english = dataclasses.replace(data_args, languages=[pet.PIVOT])
         pivot = {split: load_languages(english, split, columns, f"--alignment {args.alignment}")[pet.PIVOT]
-                 for split in {data_args.train_split, data_args.eval_split, args.test_split} - {None}}
+                 for split in {data_args.train_split, data_args.eval_split, data_args.test_split} - {None}}
     templates = pet.hard_prompts(args.hard_prompt, languages)
     routine3 = args.alignment == "routine3"
     column = pet.ROUTINE_COLUMN.get(args.alignment)
@@ -183,7 +184,7 @@ def _main(argv):
                                       args.translations)
             return ds.remove_columns("caption").add_column("caption", texts)
 
-        test_ds = {language: translated(args.test_split, test[language])}
+        test_ds = {language: translated(data_args.test_split, test[language])}
         zero_shot[language] = RetrievalEvaluator({language: test[language]}, processor, lambda m: vectors)(
             base_model)[language]
 
@@ -237,9 +238,9 @@ def _main(argv):
              "alignment_loss": args.alignment_loss, "alignment_weight": args.alignment_weight,
              "translations": args.translations and publishable_name(args.translations),
              "image_features": data_args.image_features and publishable_name(data_args.image_features)}
-    report = results_record(results, f"{base_name} + {args.pet_method} adapters", data_args.dataset, args.test_split,
+    report = results_record(results, f"{base_name} + {args.pet_method} adapters", data_args.dataset, data_args.test_split,
                             setup, {language: {"texts": len(test[language])} for language in languages})
-    report.update(zero_shot=results_record(zero_shot, base_name, data_args.dataset, args.test_split),
+    report.update(zero_shot=results_record(zero_shot, base_name, data_args.dataset, data_args.test_split),
                   shares=shares, total_share=pet.total_share(shares, base_model))
     write_results(out, report)
     with (out / "results.md").open("a", encoding="utf-8") as md:

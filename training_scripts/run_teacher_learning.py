@@ -37,7 +37,7 @@ from processing import XCLIPProcessor
 from training_scripts import teacher_learning as tl
 from training_scripts.cli import run_cli
 from training_scripts.data import DatasetImages, image_features
-from training_scripts.embeddings import Encoder, cached_features, model_fingerprint
+from training_scripts.embeddings import Encoder, cached_features, encode_text_batches, model_fingerprint
 from training_scripts.training import (DataArguments, RetrievalEvaluator, check_images, check_output_dir, finish,
                                        load_languages, parse_args, results_record)
 
@@ -152,14 +152,11 @@ def teacher_targets(teacher, english, model_args, cache_dir, batch_size):
 
 def student_pooled_features(model, tokenizer, texts, model_args, cache_dir, batch_size):
     """The frozen student's features before its head (the least-squares design matrix), cached when `cache_dir`."""
-    def tokenize(batch):
-        return tokenizer(batch, padding=True, truncation=True, max_length=model_args.max_length, return_tensors="pt")
-
     @torch.no_grad()
     def compute():
         model.eval()
-        return tl.encode_texts(lambda ids, mask: tl.student_pooled(model, ids, mask), tokenize, texts, batch_size,
-                               "student features", model.device)
+        return encode_text_batches(lambda ids, mask: tl.student_pooled(model, ids, mask), tokenizer, texts, batch_size,
+                                   model_args.max_length, "student features", model.device)
 
     key = {"kind": "student_pooled", "model": model_fingerprint(model_args.student), "family": model_args.model_family,
            "max_length": model_args.max_length, "texts": texts}

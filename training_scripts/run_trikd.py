@@ -70,12 +70,6 @@ class TriKDArguments:
     optimizer: str = field(default="lamb", metadata={
         "help": "lamb: LAMB as in the paper, from timm (pip install timm); without timm, AdamW is used instead "
                 "(and the run says so). trainer: TrainingArguments' --optim", "choices": ["lamb", "trainer"]})
-    test_split: Optional[str] = field(default="test", metadata={
-        "help": "split of the final per-language results ('none': no final evaluation)"})
-
-    def __post_init__(self):
-        if self.test_split in ("none", "None", ""):
-            self.test_split = None
 
 
 def _main(argv):
@@ -139,8 +133,8 @@ def _main(argv):
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     results = None
-    if model_args.test_split:
-        test, sets, embeds = evaluator(model_args.test_split)
+    if data_args.test_split:
+        test, sets, embeds = evaluator(data_args.test_split)
         per_language = test(trainer.model)
         chance = chance_levels(sets)
         setup = {"clip": clip, "text": text, "text_template": template, "chance_t2i_R@1": chance}
@@ -148,12 +142,12 @@ def _main(argv):
             ids = images_of(sets)[0]
             english_clip = RetrievalEvaluator({"en": sets["en"]}, clip_processor, lambda m: dict(zip(ids, embeds)))
             clip_results = results_record(english_clip(clip_encoder.model), clip, data_args.dataset,
-                                          model_args.test_split, {"chance_t2i_R@1": {"en": chance["en"]}})
+                                          data_args.test_split, {"chance_t2i_R@1": {"en": chance["en"]}})
             setup["english_clip_en_t2i_R@1"] = clip_results["per_language"]["en"]["t2i"]["R@1"]
             if trainer.is_world_process_zero():
                 print(f"\nThe English CLIP, English only (chance t2i R@1 {chance['en']:.2f}%):\n")
                 print(results_table(clip_results))
-        results = results_record(per_language, training_args.output_dir, data_args.dataset, model_args.test_split,
+        results = results_record(per_language, training_args.output_dir, data_args.dataset, data_args.test_split,
                                  setup, {language: {"texts": len(ds), "images": len(images_of({language: ds})[0])}
                                          for language, ds in sets.items()})
         if trainer.is_world_process_zero():

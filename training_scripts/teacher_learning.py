@@ -23,11 +23,11 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, CLIPTextModelWithProjection
 
 from modeling_xclip import MCLIPModel, XAltCLIPModel
 from modeling_xclip.losses import mean_pool, teacher_mse_loss
+from training_scripts.embeddings import encode_text_batches
 from training_scripts.training import XCLIPTrainer
 
 logger = logging.getLogger(__name__)
@@ -97,28 +97,8 @@ class Teacher:
 
     def encode(self, texts, batch_size=64, desc="teacher targets"):
         """(len(texts), width) float32 CPU teacher vectors, in the order given."""
-        return encode_texts(self, self.tokenize, texts, batch_size, desc, next(self.model.parameters()).device)
-
-
-def encode_texts(forward, tokenize, texts, batch_size=64, desc="texts", device="cpu"):
-    """`forward(input_ids, attention_mask)` over `texts` in batches of similar length, unnormalised (teacher targets
-    and pre-head student features are regression data, unlike the L2-normalised embeddings of `embeddings.Encoder`).
-    `tokenize(list of texts)` returns padded tensors."""
-    texts = list(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    chunks = []
-    with tqdm(total=len(texts), desc=desc, unit="text") as progress:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            batch = tokenize([texts[i] for i in rows])
-            out = forward(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            chunks.append(out.detach().float().cpu())
-            progress.update(len(rows))
-    if not chunks:
-        raise ValueError("no texts to encode")
-    result = torch.empty(len(texts), chunks[0].shape[1])
-    result[order] = torch.cat(chunks)
-    return result
+        return encode_text_batches(self, self.tokenizer, texts, batch_size, self.max_length, desc,
+                                   next(self.model.parameters()).device)
 
 
 # --- the student --------------------------------------------------------------------------------------------------

@@ -46,7 +46,9 @@ class DataArguments:
         "help": "languages to train on (default: all the dataset has)", "nargs": "+"})
     train_split: str = field(default="train", metadata={"help": "split to train on"})
     eval_split: Optional[str] = field(default="validation", metadata={
-        "help": "split evaluated during and after training ('none': no evaluation)"})
+        "help": "split evaluated during training ('none': no evaluation)"})
+    test_split: Optional[str] = field(default="test", metadata={
+        "help": "split of the final per-language results ('none': no final evaluation)"})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "rows per language used for training"})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "rows per language evaluated"})
     image_features: Optional[str] = field(default=None, metadata={
@@ -60,6 +62,8 @@ class DataArguments:
     def __post_init__(self):
         if self.eval_split in ("none", "None", ""):
             self.eval_split = None
+        if self.test_split in ("none", "None", ""):
+            self.test_split = None
 
     @property
     def options(self):
