@@ -20,8 +20,6 @@ from typing import Callable, Optional
 
 import torch
 
-from transformers import HfArgumentParser
-
 from modeling_xclip.losses import contrastive_loss
 from training_scripts.data import DatasetImages, image_features
 from training_scripts.embeddings import cached_features, open_image
@@ -43,14 +41,6 @@ class Rows(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return self.rows[index]
-
-
-def parse_with_defaults(dataclass_types, argv, defaults):
-    """`training.parse_args` with the script's own defaults for fields of the dataclasses (e.g. TrainingArguments'
-    learning rate): the paper's values where they fit; `--help` shows them."""
-    parser = HfArgumentParser(dataclass_types)
-    parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def optimizer_choice(name, training_args):
@@ -333,5 +323,5 @@ class TriKDTrainer(XCLIPTrainer):
 
 __all__ = ["ContrastiveCollator", "ContrastiveTrainer", "EmbeddingTable", "PixelTable", "Rows", "StatesTable",
            "TriKDCollator", "TriKDTrainer", "caption_rows", "chance_levels", "encode_token_states",
-           "frozen_image_embeddings", "images_of", "optimizer_choice", "parse_with_defaults", "results_table",
+           "frozen_image_embeddings", "images_of", "optimizer_choice", "results_table",
            "trikd_collator"]

@@ -26,11 +26,11 @@ from transformers import AutoProcessor, TrainingArguments, set_seed
 from training_scripts.cli import run_cli
 from training_scripts.contrastive import (ContrastiveCollator, ContrastiveTrainer, EmbeddingTable, PixelTable, Rows,
                                           caption_rows, chance_levels, frozen_image_embeddings, images_of,
-                                          parse_with_defaults, results_table)
+                                          results_table)
 from training_scripts.data import DatasetImages
 from training_scripts.embeddings import Encoder, load_model
 from training_scripts.training import (DataArguments, RetrievalEvaluator, check_images, check_output_dir, finish,
-                                       load_languages, results_record)
+                                       load_languages, parse_args, results_record)
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class ContrastiveArguments:
 
 
 def _main(argv):
-    model_args, data_args, training_args = parse_with_defaults(
+    model_args, data_args, training_args = parse_args(
         (ContrastiveArguments, DataArguments, TrainingArguments), argv, TRAINING_DEFAULTS)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

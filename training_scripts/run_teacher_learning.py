@@ -95,6 +95,8 @@ class TeacherLearningArguments(TrainingArguments):
     adam_beta1: float = field(default=0.99, metadata={"help": "AdamW beta1 (Table 8: 0.99)"})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (Table 8: 0.999)"})
     weight_decay: float = field(default=0.2, metadata={"help": "AdamW weight decay (Table 8: 0.2)"})
+    dataloader_pin_memory: bool = field(default=False, metadata={
+        "help": "pin the batches' memory (the collator's tensors are small; pinning needs an accelerator)"})
     warmup_steps: float = field(default=500, metadata={"help": "linear warmup steps (Table 8: 500)"})
     num_train_epochs: float = field(default=10.0, metadata={"help": "epochs (Table 8: 10)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (Table 8: 1.0)"})

@@ -32,11 +32,11 @@ from processing import XCLIPProcessor
 from training_scripts import embedded
 from training_scripts.cli import run_cli
 from training_scripts.contrastive import (Rows, TriKDTrainer, caption_rows, chance_levels, frozen_image_embeddings,
-                                          images_of, optimizer_choice, parse_with_defaults, results_table,
+                                          images_of, optimizer_choice, results_table,
                                           trikd_collator)
 from training_scripts.embeddings import Encoder, model_fingerprint
 from training_scripts.training import (DataArguments, RetrievalEvaluator, check_images, check_output_dir, finish,
-                                       load_languages, results_record)
+                                       load_languages, parse_args, results_record)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class TriKDArguments:
 
 
 def _main(argv):
-    model_args, data_args, training_args = parse_with_defaults(
+    model_args, data_args, training_args = parse_args(
         (TriKDArguments, DataArguments, TrainingArguments), argv, TRAINING_DEFAULTS)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -78,9 +78,14 @@ class DataArguments:
         return Path(self.feature_cache_dir) if self.feature_cache_dir else DEFAULT_CACHE / "features"
 
 
-def parse_args(dataclass_types, argv=None):
-    """The dataclass instances of `dataclass_types` from `argv` (HfArgumentParser; `--help` lists every field)."""
-    return HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args=argv)
+def parse_args(dataclass_types, argv=None, defaults=None):
+    """The dataclass instances of `dataclass_types` from `argv` (HfArgumentParser; `--help` lists every field).
+
+    `defaults` overrides the defaults of fields (e.g. TrainingArguments' learning rate): a script's paper values."""
+    parser = HfArgumentParser(dataclass_types)
+    if defaults:
+        parser.set_defaults(**defaults)
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def check_output_dir(output_dir, overwrite=False):
