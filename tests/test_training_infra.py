@@ -1,6 +1,7 @@
 """The shared training infrastructure: argument checks, data checks, run identity on resume, evaluation during
 training, the model card, and the one feature cache."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from transformers import TrainingArguments
 from modeling_xclip.tiny import build_tiny_model
 from training_scripts.embeddings import cached_features
 from training_scripts.training import (RUN_FILE, DataArguments, RetrievalEvaluator, XCLIPTrainer, check_images,
-                                       check_output_dir, check_resume, load_languages, results_record, save_model_card)
+                                       check_output_dir, check_resume, finish, load_languages, results_record,
+                                       save_model_card)
 
 SYNTHETIC = ["num_images=60"]
 
@@ -78,7 +80,7 @@ class _MCLIPTrainer(XCLIPTrainer):
         return (out.loss, out) if return_outputs else out.loss
 
 
-def test_trainer_writes_run_identity_evaluates_per_language_and_refuses_a_foreign_resume(tmp_path):
+def test_trainer_writes_run_identity_evaluates_per_language_and_refuses_a_foreign_resume(tmp_path, monkeypatch):
     model, processor = build_tiny_model("m-clip", vision=False)
     loaded = load_languages(data_args(languages=["en", "de"]), "validation")
     torch.manual_seed(0)
@@ -117,3 +119,31 @@ def test_trainer_writes_run_identity_evaluates_per_language_and_refuses_a_foreig
     assert "model-index:" in text and "dataset_config" not in text and "config: de" in text
     assert card.data.eval_results[0].metric_value == round(results["per_language"]["en"]["t2i"]["R@1"], 2)
     assert "| learning_rate | `0.001` |" in text and "trust_remote_code=True" in text
+
+    # finish: the model (remote code, safetensors), its processor, results and card; --push_to_hub uploads the output
+    # directory without its checkpoints (huggingface_hub's upload replaced by a local fake that lists the files)
+    import fnmatch
+
+    import huggingface_hub
+    from transformers import AutoModel
+
+    uploads = []
+
+    def fake_upload(repo_id, folder_path, ignore_patterns=(), allow_patterns=None, **kwargs):
+        files = [str(p.relative_to(folder_path)) for p in sorted(Path(folder_path).rglob("*")) if p.is_file()]
+        uploads.append((repo_id, [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in ignore_patterns)
+                                  and (allow_patterns is None or any(fnmatch.fnmatch(f, p) for p in allow_patterns))]))
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: repo_id)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload)
+    trainer.args.hub_model_id = "user/tiny-test"
+    card_fields = dict(model_name="tiny-test", languages=["en", "de"], method="test", method_summary="A test.",
+                       script="test", family="m-clip", base_models={"text": "tiny"},
+                       trainable=model.trainable_parameters(), data_summary="synthetic", hyperparameters={},
+                       repo_id="user/tiny-test", template="model_card.md")
+    finish(trainer, processor, tmp_path / "run", card_fields, results, push_to_hub=True)
+    (repo, files), = uploads
+    assert repo == "user/tiny-test" and not [f for f in files if f.startswith("checkpoint-")]
+    assert {"config.json", "model.safetensors", "modeling_xclip.py", "losses.py", "README.md", "results.json",
+            "tokenizer.json"} <= set(files)
+    assert type(AutoModel.from_pretrained(tmp_path / "run", trust_remote_code=True)).__name__ == "MCLIPModel"
