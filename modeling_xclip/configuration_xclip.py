@@ -57,6 +57,15 @@ class _XCLIPBaseConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
 
+    def to_dict(self):
+        """As saved: the towers' configs without the local directory they were read from (`_name_or_path`), so that
+        a published config names no folder of this machine."""
+        output = super().to_dict()
+        for key in self.sub_configs:
+            if isinstance(output.get(key), dict):
+                output[key].pop("_name_or_path", None)
+        return output
+
     @property
     def clip_embed_dim(self):
         """Width of CLIP's own joint space (the projected CLIP image / text embedding)."""

@@ -118,6 +118,9 @@ def test_saved_models_and_adapters_name_no_local_path(tmp_path, monkeypatch, pub
     assert json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())[
         "base_model_name_or_path"] == "model"
     assert publishable_name("M-CLIP/XLM-Roberta-Large-Vit-L-14") == "M-CLIP/XLM-Roberta-Large-Vit-L-14"
+    # assembled from a local encoder directory: the saved text_config does not keep where it was read from
+    published_mclip.encoder.save_pretrained(home / "encoder")
+    MCLIPModel.from_pretrained_towers(text=str(home / "encoder"), numDims=8).save_pretrained(tmp_path / "out" / "towers")
     assert not local_paths_in(saved, [home])  # config, processor files and card of the saved model
     assert not local_paths_in(tmp_path / "out", [home, tmp_path, published_mclip.path])
 

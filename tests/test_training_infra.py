@@ -141,9 +141,14 @@ def test_trainer_writes_run_identity_evaluates_per_language_and_refuses_a_foreig
                        script="test", family="m-clip", base_models={"text": "tiny"},
                        trainable=model.trainable_parameters(), data_summary="synthetic", hyperparameters={},
                        repo_id="user/tiny-test", template="model_card.md")
-    finish(trainer, processor, tmp_path / "run", card_fields, results, push_to_hub=True)
+    card_fields["base_models"] = {"text": str(tmp_path / "base")}             # local paths, as a run has them
+    finish(trainer, processor, tmp_path / "run", card_fields, {**results, "model": str(tmp_path / "run")},
+           push_to_hub=True)
     (repo, files), = uploads
     assert repo == "user/tiny-test" and not [f for f in files if f.startswith("checkpoint-")]
+    # nothing uploaded names a path of this machine
+    leaks = [f for f in files if str(tmp_path) in (tmp_path / "run" / f).read_bytes().decode("utf-8", "replace")]
+    assert not leaks, leaks
     assert {"config.json", "model.safetensors", "modeling_xclip.py", "losses.py", "README.md", "results.json",
             "tokenizer.json"} <= set(files)
     assert type(AutoModel.from_pretrained(tmp_path / "run", trust_remote_code=True)).__name__ == "MCLIPModel"

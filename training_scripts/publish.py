@@ -32,3 +32,15 @@ def save_adapter(peft_model, output_dir, base_model, **kwargs):
         peft_model.save_pretrained(output_dir, **{"save_embedding_layers": False, **kwargs})
     finally:
         base.name_or_path, base.config.name_or_path = local_names
+
+
+def publishable(value):
+    """`value` (a str, or dicts and lists of them) with every local path, absolute or existing here, replaced by
+    `publishable_name`: what a saved model's results and card may record."""
+    if isinstance(value, dict):
+        return {key: publishable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(publishable(item) for item in value)
+    if isinstance(value, os.PathLike) or (isinstance(value, str) and (os.path.isabs(value) or os.path.exists(value))):
+        return publishable_name(value)
+    return value

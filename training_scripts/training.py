@@ -21,6 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from training_scripts.data import dataset_languages, dataset_option, load_language
 from training_scripts.embeddings import Encoder
 from training_scripts.metrics import flatten, retrieval_metrics, summarize_columns
+from training_scripts.publish import publishable
 
 logger = logging.getLogger(__name__)
 
@@ -309,14 +310,15 @@ def save_model_card(output_dir, template, model_name, results=None, languages=No
 
 def publish(output_dir, repo_id, token=None, private=None, commit_message="Upload with multilingual-clip-hf",
             allow_patterns=None):
-    """Upload `output_dir` (its checkpoints and logs left out; only `allow_patterns` where given) to the Hub model
-    repository `repo_id`."""
+    """Upload `output_dir` to the Hub model repository `repo_id`: not its checkpoints, logs, or the pickled
+    `training_args.bin` (which holds this machine's paths); only `allow_patterns` where given."""
     from huggingface_hub import create_repo, upload_folder
 
     create_repo(repo_id, token=token, private=private, exist_ok=True)
     return upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=token, commit_message=commit_message,
                          allow_patterns=allow_patterns,
-                         ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "*.tmp"])
+                         ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "*.tmp",
+                                          "training_args.bin"])
 
 
 def finish(trainer, processor, output_dir, card, results=None, push_to_hub=False):
@@ -329,6 +331,8 @@ def finish(trainer, processor, output_dir, card, results=None, push_to_hub=False
     if not trainer.is_world_process_zero():
         return
     processor.save_pretrained(output_dir)
+    # what is published names no path of this machine: a local model or output directory by its last part
+    results, card = publishable(results), publishable(card)
     if results is not None:
         write_results(output_dir, results)
     save_model_card(output_dir, results=results, **card)
