@@ -154,6 +154,7 @@ def test_both_stages_train_their_part_and_save_an_encoder_trikd_accepts(encoder_
                        enhanced["encoder.layer.0.attention.self.query.weight"])
     card = (tmp_path / "mte" / "README.md").read_text()
     assert "stage 2 of 2" in card and "NMT + 2.0 x CTL" in card
+    assert str(tmp_path) not in card   # the stage-1 model it started from is named, not its directory here
     assert json.loads((tmp_path / "mte" / "encoder_decoder" / "config.json").read_text())["is_encoder_decoder"]
 
 

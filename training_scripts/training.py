@@ -292,12 +292,13 @@ def save_model_card(output_dir, template, model_name, results=None, languages=No
 
     The YAML carries the languages, library, base model, datasets, the library's tags and `tags` and, with
     `results`, the `model-index`; the template receives `fields`, `model_name` and `results_table` (results.md's
-    table, or None).
+    table, or None). A card names no directory of this machine: local paths are kept by their last part.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
     from training_scripts.report import markdown
 
+    model_name, results, base_model, datasets, fields = publishable((model_name, results, base_model, datasets, fields))
     data = ModelCardData(language=languages, license=fields.get("license", "apache-2.0"), library_name=library_name,
                          tags=["multilingual-clip", "xclip", "image-text-retrieval", *tags], base_model=base_model,
                          datasets=datasets, model_name=model_name,
@@ -331,8 +332,7 @@ def finish(trainer, processor, output_dir, card, results=None, push_to_hub=False
     if not trainer.is_world_process_zero():
         return
     processor.save_pretrained(output_dir)
-    # what is published names no path of this machine: a local model or output directory by its last part
-    results, card = publishable(results), publishable(card)
+    results = publishable(results)  # results.json names no path of this machine (the card sees to itself)
     if results is not None:
         write_results(output_dir, results)
     save_model_card(output_dir, results=results, **card)
