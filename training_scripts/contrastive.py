@@ -43,6 +43,17 @@ class Rows(torch.utils.data.Dataset):
         return self.rows[index]
 
 
+def data_summary(data_args, languages, captions, images):
+    """The model card's line on an image-text run's training data."""
+    return (f"`{data_args.dataset}` split `{data_args.train_split}`, languages {', '.join(languages)}: {captions} "
+            f"captions of {images} images; options {' '.join(data_args.dataset_options) or 'none'}.")
+
+
+def split_sizes(sets):
+    """{language: {"texts": captions, "images": distinct images}} of an evaluation's datasets, for results.json."""
+    return {language: {"texts": len(ds), "images": len(images_of({language: ds})[0])} for language, ds in sets.items()}
+
+
 def optimizer_choice(name, training_args):
     """`Trainer(optimizer_cls_and_kwargs=...)` for `name`: "lamb" is timm's LAMB (You et al., 2020; seed paper 002
     trains TriKD with it) when timm is installed, else None (TrainingArguments' --optim, AdamW by default), logged.
@@ -322,6 +333,6 @@ class TriKDTrainer(XCLIPTrainer):
 
 
 __all__ = ["ContrastiveCollator", "ContrastiveTrainer", "EmbeddingTable", "PixelTable", "Rows", "StatesTable",
-           "TriKDCollator", "TriKDTrainer", "caption_rows", "chance_levels", "encode_token_states",
-           "frozen_image_embeddings", "images_of", "optimizer_choice", "results_table",
+           "TriKDCollator", "TriKDTrainer", "caption_rows", "chance_levels", "data_summary", "encode_token_states",
+           "frozen_image_embeddings", "images_of", "optimizer_choice", "results_table", "split_sizes",
            "trikd_collator"]

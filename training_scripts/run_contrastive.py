@@ -25,12 +25,12 @@ from transformers import AutoProcessor, TrainingArguments, set_seed
 
 from training_scripts.cli import run_cli
 from training_scripts.contrastive import (ContrastiveCollator, ContrastiveTrainer, EmbeddingTable, PixelTable, Rows,
-                                          caption_rows, chance_levels, frozen_image_embeddings, images_of,
-                                          results_table)
+                                          caption_rows, chance_levels, data_summary, frozen_image_embeddings,
+                                          images_of, results_table, split_sizes)
 from training_scripts.data import DatasetImages
 from training_scripts.embeddings import Encoder, load_model
-from training_scripts.training import (DataArguments, RetrievalEvaluator, check_images, check_output_dir, finish,
-                                       load_languages, parse_args, results_record)
+from training_scripts.training import (DataArguments, RetrievalEvaluator, card_hyperparameters, check_images,
+                                       check_output_dir, finish, load_languages, parse_args, results_record)
 
 logger = logging.getLogger(__name__)
 
@@ -120,26 +120,19 @@ def _main(argv):
         results = results_record(test(trainer.model), training_args.output_dir, data_args.dataset,
                                  data_args.test_split, {"model": model_args.model, "text_template": template,
                                                          "chance_t2i_R@1": chance},
-                                 {language: {"texts": len(ds), "images": len(images_of({language: ds})[0])}
-                                  for language, ds in sets.items()})
+                                 split_sizes(sets))
         if trainer.is_world_process_zero():
             print(results_table(results))
-    hyperparameters = {name: getattr(training_args, name) for name in (
-        "learning_rate", "per_device_train_batch_size", "num_train_epochs", "warmup_steps", "lr_scheduler_type",
-        "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "seed", "world_size")}
     card = dict(
-        template="model_card.md", model_name=Path(training_args.output_dir).name, languages=list(train),
-        base_model=model_args.model, datasets=None,
+        languages=list(train), base_model=model_args.model, datasets=None,
         method="contrastive learning (AltCLIP stage 2, seed paper 001 §3.2): symmetric InfoNCE"
                + (", image tower frozen" if frozen_images else ", both towers trained"),
         method_summary="Image-text contrastive learning with a learnable temperature over the global batch"
                        + (": the text side trains and the image tower stays frozen (LiT)." if frozen_images else "."),
         script="training_scripts/run_contrastive.py", family=model.config.model_type,
-        base_models={"model": model_args.model}, trainable=trainable, hyperparameters=hyperparameters,
-        data_summary=f"`{data_args.dataset}` split `{data_args.train_split}`, languages {', '.join(train)}: "
-                     f"{len(rows)} captions of {len(image_ids)} images; options "
-                     f"{' '.join(data_args.dataset_options) or 'none'}.",
-        repo_id=training_args.hub_model_id or training_args.output_dir)
+        base_models={"model": model_args.model}, trainable=trainable,
+        hyperparameters=card_hyperparameters(training_args),
+        data_summary=data_summary(data_args, train, len(rows), len(image_ids)))
     finish(trainer, processor, training_args.output_dir, card, results=results, push_to_hub=training_args.push_to_hub)
     return results
 

@@ -31,7 +31,8 @@ from transformers import AutoTokenizer, TrainingArguments, set_seed
 
 from training_scripts import mte
 from training_scripts.cli import run_cli
-from training_scripts.training import DataArguments, check_output_dir, load_languages, parse_args, save_model_card
+from training_scripts.training import (DataArguments, card_hyperparameters, check_output_dir, load_languages,
+                                       parse_args, save_model_card)
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +127,7 @@ def _main(argv):
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir / ENCODER_DECODER)
         mte.save_encoder(model, tokenizer, output_dir)
-        hyperparameters = {name: getattr(training_args, name) for name in (
-            "learning_rate", "warmup_steps", "num_train_epochs", "lr_scheduler_type", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "weight_decay", "seed")}
+        hyperparameters = card_hyperparameters(training_args)
         hyperparameters.update(stage=model_args.stage, dropout=model_args.dropout,
                                ctl_weight=mte.CTL_WEIGHT if model_args.stage == 2 else None,
                                ctl_temperature=model_args.ctl_temperature if model_args.stage == 2 else None)

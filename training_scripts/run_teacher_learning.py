@@ -38,8 +38,8 @@ from training_scripts import teacher_learning as tl
 from training_scripts.cli import run_cli
 from training_scripts.data import DatasetImages, image_features
 from training_scripts.embeddings import Encoder, cached_features, encode_text_batches, model_fingerprint
-from training_scripts.training import (DataArguments, RetrievalEvaluator, check_images, check_output_dir, finish,
-                                       load_languages, parse_args, results_record)
+from training_scripts.training import (DataArguments, RetrievalEvaluator, card_hyperparameters, check_images,
+                                       check_output_dir, finish, load_languages, parse_args, results_record)
 
 logger = logging.getLogger(__name__)
 
@@ -257,9 +257,7 @@ def image_vectors(evaluation, data_args, model, processor):
 
 
 def model_card(model_args, data_args, training_args, trainer, rows, english, train):
-    hyperparameters = {name: getattr(training_args, name) for name in (
-        "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
-        "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "seed")}
+    hyperparameters = card_hyperparameters(training_args)
     hyperparameters.update(teacher_pooling=model_args.teacher_pooling, head_init=model_args.head_init,
                            head_init_ridge=model_args.head_init_ridge, dropout=model_args.dropout,
                            freeze_embeddings=model_args.freeze_embeddings, max_length=model_args.max_length)
@@ -268,7 +266,6 @@ def model_card(model_args, data_args, training_args, trainer, rows, english, tra
         base_models["image tower"] = model_args.clip
     method = "teacher learning (AltCLIP stage 1)" if model_args.model_family == "altclip" else "teacher learning (M-CLIP)"
     return {
-        "template": "model_card.md", "model_name": Path(training_args.output_dir).name,
         "languages": ["en", *train], "base_model": model_args.student, "method": method,
         "method_summary": ("The multilingual student regresses (MSE) the teacher's vector of the English side of "
                            "parallel sentence pairs, from the English sentence and from its translation (seed paper "
@@ -278,7 +275,7 @@ def model_card(model_args, data_args, training_args, trainer, rows, english, tra
         "data_summary": (f"{len(rows)} training rows from `{data_args.dataset}` (split `{data_args.train_split}`, "
                          f"languages {', '.join(train)}, at most {data_args.max_train_samples or 'all'} pairs per "
                          f"language): {len(english)} English sentences (EN-EN rows) and their translations."),
-        "hyperparameters": hyperparameters, "repo_id": training_args.hub_model_id or Path(training_args.output_dir).name,
+        "hyperparameters": hyperparameters,
     }
 
 

@@ -31,12 +31,12 @@ from modeling_xclip import XMCLIPModel
 from processing import XCLIPProcessor
 from training_scripts import embedded
 from training_scripts.cli import run_cli
-from training_scripts.contrastive import (Rows, TriKDTrainer, caption_rows, chance_levels, frozen_image_embeddings,
-                                          images_of, optimizer_choice, results_table,
-                                          trikd_collator)
+from training_scripts.contrastive import (Rows, TriKDTrainer, caption_rows, chance_levels, data_summary,
+                                          frozen_image_embeddings, images_of, optimizer_choice, results_table,
+                                          split_sizes, trikd_collator)
 from training_scripts.embeddings import Encoder, model_fingerprint
-from training_scripts.training import (DataArguments, RetrievalEvaluator, check_images, check_output_dir, finish,
-                                       load_languages, parse_args, results_record)
+from training_scripts.training import (DataArguments, RetrievalEvaluator, card_hyperparameters, check_images,
+                                       check_output_dir, finish, load_languages, parse_args, results_record)
 
 logger = logging.getLogger(__name__)
 
@@ -148,23 +148,19 @@ def _main(argv):
                 print(f"\nThe English CLIP, English only (chance t2i R@1 {chance['en']:.2f}%):\n")
                 print(results_table(clip_results))
         results = results_record(per_language, training_args.output_dir, data_args.dataset, data_args.test_split,
-                                 setup, {language: {"texts": len(ds), "images": len(images_of({language: ds})[0])}
-                                         for language, ds in sets.items()})
+                                 setup, split_sizes(sets))
         if trainer.is_world_process_zero():
             print(f"\nmCLIP after TriKD, every language (chance t2i R@1 "
                   f"{statistics.fmean(chance.values()):.2f}%):\n")
             print(results_table(results))
     model.remove_clip_text_model()
-    hyperparameters = {name: getattr(training_args, name) for name in (
-        "learning_rate", "per_device_train_batch_size", "num_train_epochs", "warmup_steps", "lr_scheduler_type",
-        "weight_decay", "seed", "world_size")}
+    hyperparameters = card_hyperparameters(training_args)
     hyperparameters.update(optimizer=type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                                           else trainer.optimizer).__name__,
                            ttc_weight=model_args.ttc_weight, ttc_temperature=model_args.ttc_temperature,
                            x_projector_num_layers=model_args.x_projector_num_layers)
     card = dict(
-        template="model_card.md", model_name=Path(training_args.output_dir).name, languages=list(train),
-        base_model=[b for b in (model_args.clip, model_args.text) if b] or None, datasets=None,
+        languages=list(train), base_model=[b for b in (model_args.clip, model_args.text) if b] or None, datasets=None,
         method="TriKD (mCLIP, seed paper 002 §3.2): ITC + λ·TTC; CLIP and the MTE frozen",
         method_summary="A multilingual CLIP made by triangle cross-modal knowledge distillation: CLIP's image and "
                        "text towers and a multilingual text encoder stay frozen; a shared CLIP-projector and an "
@@ -173,10 +169,7 @@ def _main(argv):
         script="training_scripts/run_trikd.py", family="xclip-mclip",
         base_models={"CLIP (image tower; text tower as TTC teacher)": clip, "multilingual text encoder": text},
         trainable=trainable, hyperparameters=hyperparameters,
-        data_summary=f"`{data_args.dataset}` split `{data_args.train_split}`, languages {', '.join(train)}: "
-                     f"{len(rows)} captions of {len(image_ids)} images; options "
-                     f"{' '.join(data_args.dataset_options) or 'none'}.",
-        repo_id=training_args.hub_model_id or training_args.output_dir)
+        data_summary=data_summary(data_args, train, len(rows), len(image_ids)))
     finish(trainer, processor, training_args.output_dir, card, results=results, push_to_hub=training_args.push_to_hub)
     return results
 

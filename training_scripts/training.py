@@ -286,6 +286,17 @@ def model_index(name, results, metrics=("t2i_R@1", "i2t_R@1", "r1_mean")):
     return out
 
 
+# the TrainingArguments a model card reports (what reproduces the run's optimisation)
+CARD_HYPERPARAMETERS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "world_size",
+                        "num_train_epochs", "warmup_steps", "lr_scheduler_type", "weight_decay", "adam_beta1",
+                        "adam_beta2", "max_grad_norm", "seed")
+
+
+def card_hyperparameters(training_args, **extra):
+    """{name: value} of `CARD_HYPERPARAMETERS` of `training_args`, then the script's own `extra` ones."""
+    return {**{name: getattr(training_args, name) for name in CARD_HYPERPARAMETERS}, **extra}
+
+
 def save_model_card(output_dir, template, model_name, results=None, languages=None, base_model=None,
                     datasets=None, library_name="transformers", tags=(), **fields):
     """README.md of a saved model or adapter set, from the Jinja template `model_cards/{template}`.
@@ -324,8 +335,9 @@ def publish(output_dir, repo_id, token=None, private=None, commit_message="Uploa
 
 def finish(trainer, processor, output_dir, card, results=None, push_to_hub=False):
     """Save the trained model (safetensors + remote code) and its processor, results.{json,md,png} and the model card
-    (`card`: the arguments of `save_model_card`), then upload when `push_to_hub` (`hub_model_id`, else the output
-    directory's name). Only the main process writes."""
+    (`card`: the arguments of `save_model_card`; by default the template `model_card.md`, the output directory's name
+    as model name, and the repository id), then upload when `push_to_hub` to the repository `hub_model_id`, else the
+    output directory's name. Only the main process writes."""
     from training_scripts.report import write_results
 
     trainer.save_model(output_dir)
@@ -335,8 +347,9 @@ def finish(trainer, processor, output_dir, card, results=None, push_to_hub=False
     results = publishable(results)  # results.json names no path of this machine (the card sees to itself)
     if results is not None:
         write_results(output_dir, results)
+    args = trainer.args
+    repo_id = args.hub_model_id or Path(output_dir).name
+    card = {"template": "model_card.md", "model_name": Path(output_dir).name, "repo_id": repo_id, **card}
     save_model_card(output_dir, results=results, **card)
     if push_to_hub:
-        args = trainer.args
-        publish(output_dir, args.hub_model_id or Path(output_dir).name, token=args.hub_token,
-                private=args.hub_private_repo)
+        publish(output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
